@@ -1,0 +1,312 @@
+// CPU kernel for masked_power_sums: one parallel pass over every shard.
+//
+//   S_p[u] = sum_{i in u, m_i} |w_i|^p    S_q[u] = sum_{i in u, m_i} |w_i|^q
+//   d[u]   = #{i in u : m_i}
+//
+// Shards are cut into segments of <= kChunk elements and grouped into chunks
+// (so thousands of tiny tensors share chunks); at::parallel_for walks chunks.
+// Each segment decodes blocks of kBlock weights into an L1-resident float
+// buffer of magnitudes (pruned and non-finite weights become 0, which every
+// power maps to 0), then accumulates |w|^p and |w|^q in kLanes float32 lanes
+// (64 terms per lane per block) and adds each block's lane total to float64.
+// Per-segment float64 partials are reduced in segment order, so results are
+// bit-identical whatever the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../shards.h"
+#include "magnitudes.h"
+
+namespace sap_kernels::cpu {
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 16;
+constexpr int kLanes = 16;
+constexpr int kBlock = 1024;
+
+struct PowHalf {
+  SAP_INLINE float operator()(float v) const { return __builtin_sqrtf(v); }
+};
+struct PowOne {
+  SAP_INLINE float operator()(float v) const { return v; }
+};
+struct PowTwo {
+  SAP_INLINE float operator()(float v) const { return v * v; }
+};
+// Integer exponent 3..15 by square-and-multiply with a fixed trip count, so
+// the loop stays branch-free and vectorises.
+struct PowInt {
+  int n;
+  SAP_INLINE float operator()(float v) const {
+    float result = 1.f, base = v;
+    int e = n;
+    for (int k = 0; k < 4; ++k) {
+      result = (e & 1) ? result * base : result;
+      base *= base;
+      e >>= 1;
+    }
+    return result;
+  }
+};
+// |w|^r = 2^(r log2|w|) for any r > 0. log2 of the mantissa m in
+// [sqrt(1/2), sqrt(2)) from the atanh series in t = (m-1)/(m+1) (|t| < 0.172,
+// truncation < 1e-9); r*log2|w| is formed in float64 so the exponent's
+// integer part costs no precision; 2^f for |f| <= 1/2 from its degree-7
+// Taylor polynomial (truncation < 3e-9). |w| = 0 gives 0.
+struct PowGeneral {
+  double r;
+  SAP_INLINE float operator()(float v) const {
+    uint32_t bits = bits_as<uint32_t>(v);
+    const bool subnormal = bits < 0x00800000u;
+    bits = subnormal ? bits_as<uint32_t>(v * 0x1p23f) : bits;
+    int32_t exponent = int32_t(bits >> 23) - 127 - (subnormal ? 23 : 0);
+    float m = bits_as<float>((bits & 0x7fffffu) | 0x3f800000u);
+    const bool high = m > 1.41421356f;
+    m = high ? 0.5f * m : m;
+    exponent += high ? 1 : 0;
+    const float t = (m - 1.f) / (m + 1.f);
+    const float t2 = t * t;
+    // 2/ln2 * (t + t^3/3 + t^5/5 + t^7/7 + t^9/9)
+    const float log2_m =
+        t * (2.88539008f +
+             t2 * (0.96179669f + t2 * (0.57707802f + t2 * (0.41219859f + t2 * 0.32059890f))));
+    double y = r * (double(exponent) + double(log2_m));
+    y = y < -600.0 ? -600.0 : (y > 600.0 ? 600.0 : y);
+    const double whole = __builtin_rint(y);
+    const float f = float(y - whole);
+    // 2^f = e^(f ln2), Taylor coefficients ln2^k / k!
+    const float p =
+        1.f + f * (0.693147181f +
+                   f * (0.240226507f +
+                        f * (0.0555041087f +
+                             f * (0.00961812911f +
+                                  f * (0.00133335581f + f * (0.000154035304f + f * 1.52527338e-05f))))));
+    int32_t n = int32_t(whole);
+    n = n < -252 ? -252 : (n > 254 ? 254 : n);
+    const int32_t n1 = n >> 1, n2 = n - n1;  // two steps reach subnormals and overflow to inf
+    const float scaled = p * bits_as<float>(uint32_t(n1 + 127) << 23) * bits_as<float>(uint32_t(n2 + 127) << 23);
+    return v == 0.f ? 0.f : scaled;
+  }
+};
+
+struct Sums {
+  double sum_p = 0, sum_q = 0;
+  int64_t retained = 0, nonfinite = 0;
+};
+
+struct PowerPlan {
+  double p, q;
+  PowerKind p_kind, q_kind;
+  // Blocks whose largest magnitude lies outside [safe_min, safe_max] could
+  // overflow or underflow float32 powers; they are summed in float64 instead.
+  float safe_min, safe_max;
+};
+
+// Decodes n <= kBlock weights starting at `begin` into buf as magnitudes and
+// pads buf to a multiple of kLanes with zeros. Returns the largest magnitude's
+// bits.
+template <int32_t Type, bool Masked>
+SAP_INLINE uint32_t load_block(const Shard& shard, int64_t begin, int n, float* buf, Sums& sums) {
+  uint32_t max_bits = 0;
+  int64_t retained = 0, nonfinite = 0;
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  for (int i = 0; i < n; ++i) {
+    uint32_t bits;
+    if constexpr (Type == kFloat32) {
+      bits = magnitude_bits_f32(static_cast<const uint32_t*>(shard.data)[begin + i]);
+    } else if constexpr (Type == kBFloat16) {
+      bits = magnitude_bits_bf16(static_cast<const uint16_t*>(shard.data)[begin + i]);
+    } else {
+      bits = magnitude_bits_f16(static_cast<const uint16_t*>(shard.data)[begin + i]);
+    }
+    const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
+    retained += keep;
+    const uint32_t bad = keep & uint32_t(bits >= kFloat32InfBits);
+    nonfinite += bad;
+    bits = (keep & (bad ^ 1u)) ? bits : 0u;
+    max_bits = bits > max_bits ? bits : max_bits;
+    buf[i] = bits_as<float>(bits);
+  }
+  for (int i = n; i < kBlock && (i % kLanes) != 0; ++i) buf[i] = 0.f;
+  sums.retained += retained;
+  sums.nonfinite += nonfinite;
+  return max_bits;
+}
+
+template <class P, class Q>
+SAP_INLINE void add_block_powers(const float* buf, int n, P pow_p, Q pow_q, Sums& sums) {
+  float acc_p[kLanes] = {}, acc_q[kLanes] = {};
+  for (int i = 0; i < n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = buf[i + l];
+      acc_p[l] += pow_p(v);
+      acc_q[l] += pow_q(v);
+    }
+  }
+  double block_p = 0, block_q = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    block_p += acc_p[l];
+    block_q += acc_q[l];
+  }
+  sums.sum_p += block_p;
+  sums.sum_q += block_q;
+}
+
+SAP_INLINE void add_block_powers_f64(const float* buf, int n, const PowerPlan& plan, Sums& sums) {
+  for (int i = 0; i < n; ++i) {
+    const double v = buf[i];
+    if (v != 0) {
+      sums.sum_p += std::pow(v, plan.p);
+      sums.sum_q += std::pow(v, plan.q);
+    }
+  }
+}
+
+template <int32_t Type, bool Masked, class P, class Q>
+SAP_INLINE void range_sums(const Shard& shard, int64_t begin, int64_t length, const PowerPlan& plan,
+                           P pow_p, Q pow_q, Sums& sums) {
+  alignas(64) float buf[kBlock];
+  const uint32_t safe_min = bits_as<uint32_t>(plan.safe_min);
+  const uint32_t safe_max = bits_as<uint32_t>(plan.safe_max);
+  for (int64_t offset = 0; offset < length; offset += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, length - offset));
+    const uint32_t max_bits = load_block<Type, Masked>(shard, begin + offset, n, buf, sums);
+    const int padded = (n + kLanes - 1) / kLanes * kLanes;
+    if (max_bits == 0) continue;
+    if (max_bits < safe_min || max_bits > safe_max) {
+      add_block_powers_f64(buf, n, plan, sums);
+    } else {
+      add_block_powers(buf, padded, pow_p, pow_q, sums);
+    }
+  }
+}
+
+template <class P, class Q>
+SAP_INLINE void range_sums_dispatch(const Shard& shard, int64_t begin, int64_t length,
+                                    const PowerPlan& plan, P pow_p, Q pow_q, Sums& sums) {
+  const bool masked = shard.mask != nullptr;
+  switch (shard.type) {
+    case kFloat32:
+      return masked ? range_sums<kFloat32, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                    : range_sums<kFloat32, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+    case kBFloat16:
+      return masked ? range_sums<kBFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                    : range_sums<kBFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+    default:
+      return masked ? range_sums<kFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                    : range_sums<kFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+  }
+}
+
+template <class P>
+SAP_INLINE void range_sums_q(const Shard& shard, int64_t begin, int64_t length,
+                             const PowerPlan& plan, P pow_p, Sums& sums) {
+  switch (plan.q_kind) {
+    case kPowHalf: return range_sums_dispatch(shard, begin, length, plan, pow_p, PowHalf{}, sums);
+    case kPowOne: return range_sums_dispatch(shard, begin, length, plan, pow_p, PowOne{}, sums);
+    case kPowTwo: return range_sums_dispatch(shard, begin, length, plan, pow_p, PowTwo{}, sums);
+    case kPowInt:
+      return range_sums_dispatch(shard, begin, length, plan, pow_p, PowInt{int(plan.q)}, sums);
+    default:
+      return range_sums_dispatch(shard, begin, length, plan, pow_p, PowGeneral{plan.q}, sums);
+  }
+}
+
+// Compiled once per instruction set; the loader picks the widest the CPU has,
+// so the default build runs on any x86-64.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void range_power_sums(const Shard& shard, int64_t begin, int64_t length, const PowerPlan& plan,
+                      Sums& sums) {
+  switch (plan.p_kind) {
+    case kPowHalf: return range_sums_q(shard, begin, length, plan, PowHalf{}, sums);
+    case kPowOne: return range_sums_q(shard, begin, length, plan, PowOne{}, sums);
+    case kPowTwo: return range_sums_q(shard, begin, length, plan, PowTwo{}, sums);
+    case kPowInt: return range_sums_q(shard, begin, length, plan, PowInt{int(plan.p)}, sums);
+    default: return range_sums_q(shard, begin, length, plan, PowGeneral{plan.p}, sums);
+  }
+}
+
+PowerPlan make_plan(double p, double q) {
+  PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f};
+  // Keep max|w|^q within [2^-100, 2^100] (and sums of 2^10 such terms in
+  // float32 range); outside it the block is summed in float64.
+  plan.safe_max = float(std::exp2(100.0 / q));
+  plan.safe_min = float(std::exp2(-100.0 / q));
+  return plan;
+}
+
+at::Tensor masked_power_sums_cpu(at::TensorList weights,
+                                 const c10::List<std::optional<at::Tensor>>& masks, double p,
+                                 double q, int64_t scope) {
+  constexpr const char* op = "masked_power_sums";
+  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be a finite number > 0, got ", p);
+  TORCH_CHECK_VALUE(std::isfinite(q) && q > p, op, ": q must be finite and > p, got q=", q,
+                    " with p=", p);
+  const ShardTable table = make_shard_table(weights, masks, scope, op);
+  TORCH_CHECK_VALUE(table.shards[0].data == nullptr || weights[0].device().is_cpu(), op,
+                    ": expected CPU tensors");
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(table, scope, kChunk, segments, chunk_starts);
+  const PowerPlan plan = make_plan(p, q);
+
+  at::Tensor out = at::zeros({table.num_units, 3}, at::TensorOptions().dtype(at::kDouble));
+  double* out_data = out.data_ptr<double>();
+  // Neuron scope writes each row's sums directly (a segment holds whole rows);
+  // the other scopes keep one partial per segment and reduce in order.
+  std::vector<Sums> partials(scope == kNeuron ? 0 : segments.size());
+  std::vector<int64_t> nonfinite_per_chunk(chunk_starts.size() - 1, 0);
+  at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      for (int64_t s = chunk_starts[c]; s < chunk_starts[c + 1]; ++s) {
+        const Segment& seg = segments[s];
+        const Shard& shard = table.shards[seg.shard];
+        if (scope != kNeuron) {
+          range_power_sums(shard, seg.begin, seg.length, plan, partials[s]);
+          nonfinite_per_chunk[c] += partials[s].nonfinite;
+          continue;
+        }
+        for (int64_t row_begin = seg.begin; row_begin < seg.begin + seg.length;
+             row_begin += shard.row_length) {
+          Sums row;
+          range_power_sums(shard, row_begin, shard.row_length, plan, row);
+          double* o = out_data + 3 * (shard.first_unit + row_begin / shard.row_length);
+          o[0] = row.sum_p;
+          o[1] = row.sum_q;
+          o[2] = double(row.retained);
+          nonfinite_per_chunk[c] += row.nonfinite;
+        }
+      }
+    }
+  });
+  for (size_t c = 0; c + 1 < chunk_starts.size(); ++c) {
+    if (nonfinite_per_chunk[c] == 0) continue;
+    const int32_t shard = segments[chunk_starts[c]].shard;
+    for (int64_t s = chunk_starts[c]; s < chunk_starts[c + 1]; ++s) {
+      // Name the first tensor of the chunk that holds a non-finite weight.
+      const Segment& seg = segments[s];
+      Sums probe;
+      range_power_sums(table.shards[seg.shard], seg.begin, seg.length, plan, probe);
+      TORCH_CHECK_VALUE(probe.nonfinite == 0, op, ": weights[", seg.shard,
+                        "] contains NaN or infinity among its retained weights");
+    }
+    TORCH_CHECK_VALUE(false, op, ": weights[", shard, "] contains NaN or infinity");
+  }
+  if (scope != kNeuron) {
+    for (size_t s = 0; s < segments.size(); ++s) {
+      double* o = out_data + 3 * table.shards[segments[s].shard].first_unit;
+      o[0] += partials[s].sum_p;
+      o[1] += partials[s].sum_q;
+      o[2] += double(partials[s].retained);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) { m.impl("masked_power_sums", &masked_power_sums_cpu); }
+
+}  // namespace sap_kernels::cpu

@@ -1,0 +1,49 @@
+// Operator schemas for sap_kernels, defined once. Each backend registers its
+// kernels in its own file with TORCH_LIBRARY_IMPL; fakes live in
+// sap_kernels/ops.py.
+//
+// Conventions shared by every op:
+//   weights: float32 / bfloat16 / float16 tensors of any shape on one device.
+//   masks:   one optional bool tensor per weight (same shape); True = retained.
+//   scope:   0 = global (one unit), 1 = layer (one unit per tensor),
+//            2 = neuron (one unit per row of each tensor viewed as (size(0), -1)).
+//   keys:    the bit pattern of |w| as float32 (key_bits = 32) or, when every
+//            tensor is bfloat16 or every tensor is float16, as that 16-bit type
+//            (key_bits = 16). Keys order exactly like magnitudes.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(sap_kernels, m) {
+  // float64 [units, 3]: (S_p, S_q, d) with S_r = sum over retained |w|^r and d
+  // the retained count. Raises if a retained weight is NaN or infinite.
+  m.def(
+      "masked_power_sums(Tensor[] weights, Tensor?[] masks, float p, float q, "
+      "int scope) -> Tensor");
+  // int64 [units, 65536]: histogram of 16-bit digits of the keys of retained
+  // weights. pass_index 0 bins the high 16 bits (or the whole 16-bit key);
+  // pass_index 1 bins the low 16 bits of keys whose high 16 bits equal
+  // prefixes[unit]. scope is 0 or 1.
+  m.def(
+      "magnitude_histogram(Tensor[] weights, Tensor?[] masks, int scope, "
+      "int key_bits, Tensor prefixes, int pass_index) -> Tensor");
+  // int64 [rows]: key of the ks[row]-th smallest retained magnitude of every
+  // row (neuron scope); -1 where ks[row] == 0.
+  m.def(
+      "rowwise_kth_key(Tensor[] weights, Tensor?[] masks, int key_bits, "
+      "Tensor ks) -> Tensor");
+  // New bool masks: retained weights with key < threshold_keys[unit] are
+  // removed, and so are the first remove_equal[unit] retained weights with
+  // key == threshold_keys[unit] in flat order. threshold_keys < 0 removes
+  // nothing from that unit.
+  m.def(
+      "prune_masks(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, "
+      "Tensor threshold_keys, Tensor remove_equal) -> Tensor[]");
+  // weights[i] *= masks[i] for every shard, in one pass.
+  m.def("apply_masks_(Tensor(a!)[] weights, Tensor[] masks) -> ()");
+}
+
+// The Python module only anchors the shared library; every op is reached
+// through torch.ops.sap_kernels.
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "sap_kernels compiled kernels (see torch.ops.sap_kernels)";
+}

@@ -1,0 +1,150 @@
+"""Argument handling shared by every public function: collecting weights from
+a module or a list, checking them, and naming the offending tensor on error."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SCOPES = {"global": 0, "layer": 1, "neuron": 2}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+
+def default_parameter_filter(name: str, parameter: torch.Tensor) -> bool:
+    """The paper's choice: parameters named `*weight` with more than one dimension."""
+    return name.endswith("weight") and parameter.dim() > 1
+
+
+def parameters_to_prune(
+    module: nn.Module, parameter_filter: Callable[[str, torch.Tensor], bool] | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs of `module` selected by `parameter_filter`."""
+    keep = parameter_filter or default_parameter_filter
+    return [(name, param) for name, param in module.named_parameters() if keep(name, param)]
+
+
+@dataclass
+class Weights:
+    """Validated weight tensors (detached) with names for error messages."""
+
+    tensors: list[torch.Tensor]
+    names: list[str]
+
+    def label(self, i: int) -> str:
+        return self.names[i]
+
+
+def collect_weights(tensors, argument: str = "tensors") -> Weights:
+    if isinstance(tensors, nn.Module):
+        pairs = parameters_to_prune(tensors)
+        if not pairs:
+            raise ValueError(
+                f"{argument}: the module has no parameter named '*weight' with more than "
+                "one dimension; pass a list of tensors instead"
+            )
+        names = [f"{argument}[{i}] ({name})" for i, (name, _) in enumerate(pairs)]
+        return Weights([p.detach() for _, p in pairs], names)
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{argument} must be a list of tensors or an nn.Module, not a tensor")
+    if not isinstance(tensors, Sequence):
+        raise TypeError(
+            f"{argument} must be a list of tensors or an nn.Module, got {type(tensors).__name__}"
+        )
+    if len(tensors) == 0:
+        raise ValueError(f"{argument} is an empty list")
+    out = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{argument}[{i}] is a {type(t).__name__}, not a torch.Tensor")
+        out.append(t.detach())
+    weights = Weights(out, [f"{argument}[{i}]" for i in range(len(out))])
+    check_weights(weights)
+    return weights
+
+
+def check_weights(weights: Weights) -> None:
+    device = weights.tensors[0].device
+    for i, t in enumerate(weights.tensors):
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{weights.label(i)} has dtype {t.dtype}; expected a floating dtype "
+                "(float32, bfloat16 or float16)"
+            )
+        if t.device != device:
+            raise ValueError(
+                f"{weights.label(i)} is on {t.device} but {weights.label(0)} is on {device}; "
+                "all tensors must be on one device"
+            )
+
+
+def collect_masks(masks, weights: Weights, argument: str = "masks") -> list[torch.Tensor | None]:
+    """One optional bool mask per weight, checked for shape, dtype and device."""
+    n = len(weights.tensors)
+    if masks is None:
+        return [None] * n
+    if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence):
+        raise TypeError(f"{argument} must be a list of bool tensors (or None)")
+    if len(masks) != n:
+        raise ValueError(f"{argument} has {len(masks)} entries but there are {n} weight tensors")
+    out: list[torch.Tensor | None] = []
+    for i, (m, w) in enumerate(zip(masks, weights.tensors)):
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{argument}[{i}] is a {type(m).__name__}, not a torch.Tensor")
+        if m.dtype != torch.bool:
+            raise TypeError(f"{argument}[{i}] has dtype {m.dtype}; expected torch.bool")
+        if m.shape != w.shape:
+            raise ValueError(
+                f"{argument}[{i}] has shape {tuple(m.shape)} but {weights.label(i)} has shape "
+                f"{tuple(w.shape)}"
+            )
+        if m.device != w.device:
+            raise ValueError(
+                f"{argument}[{i}] is on {m.device} but {weights.label(i)} is on {w.device}"
+            )
+        out.append(m.detach())
+    return out
+
+
+def check_exponents(p: float, q: float) -> tuple[float, float]:
+    for name, value in (("p", p), ("q", q)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if p <= 0:
+        raise ValueError(f"p must be > 0, got p={p}")
+    if q <= p:
+        raise ValueError(f"q must be greater than p, got p={p}, q={q}")
+    return float(p), float(q)
+
+
+def scope_code(scope: str) -> int:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {sorted(SCOPES)}, got {scope!r}")
+    return SCOPES[scope]
+
+
+def unit_counts(weights: Weights, scope: str) -> list[int]:
+    """Units per tensor: 0 (global), 1 (layer) or size(0) (neuron)."""
+    if scope == "global":
+        return [0] * len(weights.tensors)
+    if scope == "layer":
+        return [1] * len(weights.tensors)
+    return [1 if t.dim() == 0 else t.shape[0] for t in weights.tensors]
+
+
+def num_units(weights: Weights, scope: str) -> int:
+    return 1 if scope == "global" else sum(unit_counts(weights, scope))
+
+
+def split_neuron(flat: torch.Tensor, weights: Weights) -> list[torch.Tensor]:
+    """Splits a per-row result into one tensor per weight tensor."""
+    return list(torch.split(flat, unit_counts(weights, "neuron")))

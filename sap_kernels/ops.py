@@ -1,0 +1,159 @@
+"""Op layer: fake (meta) implementations of the compiled ops, and the choice
+of backend. Each op has one schema (csrc/ops.cpp); the CPU and CUDA kernels
+are registered from C++, the Triton ones in sap_kernels/triton, and the
+float64 reference in sap_kernels/reference.py has the same signature."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._extension import has_cuda_kernels, has_extension
+from ._inputs import SCOPES
+
+_GLOBAL, _LAYER, _NEURON = SCOPES["global"], SCOPES["layer"], SCOPES["neuron"]
+
+
+def _fake_units(weights, scope: int) -> int:
+    if scope == _GLOBAL:
+        return 1
+    if scope == _LAYER:
+        return len(weights)
+    return sum(1 if w.dim() == 0 else w.shape[0] for w in weights)
+
+
+if has_extension():
+
+    @torch.library.register_fake("sap_kernels::masked_power_sums")
+    def _masked_power_sums_fake(weights, masks, p, q, scope):
+        return weights[0].new_empty((_fake_units(weights, scope), 3), dtype=torch.float64)
+
+    @torch.library.register_fake("sap_kernels::magnitude_histogram")
+    def _magnitude_histogram_fake(weights, masks, scope, key_bits, prefixes, pass_index):
+        return weights[0].new_empty((_fake_units(weights, scope), 65536), dtype=torch.int64)
+
+    @torch.library.register_fake("sap_kernels::rowwise_kth_key")
+    def _rowwise_kth_key_fake(weights, masks, key_bits, ks):
+        return weights[0].new_empty((_fake_units(weights, _NEURON),), dtype=torch.int64)
+
+    @torch.library.register_fake("sap_kernels::prune_masks")
+    def _prune_masks_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
+        return [torch.empty_like(w, dtype=torch.bool) for w in weights]
+
+    @torch.library.register_fake("sap_kernels::apply_masks_")
+    def _apply_masks_fake(weights, masks):
+        return None
+
+
+def _triton_ops():
+    from .triton import ops as triton_ops  # imported lazily: triton is optional
+
+    return triton_ops
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Backends that can run on tensors of `device`, fastest first."""
+    names = []
+    if device.type == "cpu" and has_extension():
+        names.append("cpu")
+    if device.type == "cuda":
+        if has_cuda_kernels():
+            names.append("cuda")
+        try:
+            _triton_ops()
+            names.append("triton")
+        except ImportError:
+            pass
+    names.append("reference")
+    return names
+
+
+def resolve_backend(backend: str, weights: list[torch.Tensor]) -> str:
+    """The backend that will run: `auto` picks the fastest available one."""
+    from ._inputs import BACKENDS, KERNEL_DTYPES
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = weights[0].device
+    if backend == "auto":
+        if any(w.dtype not in KERNEL_DTYPES for w in weights):
+            return "reference"  # e.g. float64: only the reference evaluates it
+        return available_backends(device)[0]
+    if backend == "reference":
+        return backend
+    for i, w in enumerate(weights):
+        if w.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"tensors[{i}] has dtype {w.dtype}; backend={backend!r} supports float32, "
+                "bfloat16 and float16 (use backend='reference' for others)"
+            )
+    if backend == "cpu":
+        if not has_extension():
+            raise RuntimeError(f"backend='cpu' needs the compiled extension: {_extension_error()}")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    elif backend == "cuda":
+        if not has_cuda_kernels():
+            raise RuntimeError("backend='cuda': sap_kernels was built without CUDA kernels")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    elif backend == "triton":
+        try:
+            _triton_ops()
+        except ImportError as error:
+            raise RuntimeError(f"backend='triton' is unavailable: {error}") from error
+    return backend
+
+
+def _extension_error() -> str:
+    from ._extension import EXTENSION_ERROR
+
+    return EXTENSION_ERROR or "unknown error"
+
+
+def masked_power_sums(backend: str, weights, masks, p: float, q: float, scope: int):
+    if backend == "reference":
+        return reference.masked_power_sums(weights, masks, p, q, scope)
+    if backend == "triton":
+        return _triton_ops().masked_power_sums(weights, masks, p, q, scope)
+    return torch.ops.sap_kernels.masked_power_sums(weights, masks, p, q, scope)
+
+
+def magnitude_histogram(backend: str, weights, masks, scope, key_bits, prefixes, pass_index):
+    if backend == "reference":
+        return reference.magnitude_histogram(weights, masks, scope, key_bits, prefixes, pass_index)
+    if backend == "triton":
+        return _triton_ops().magnitude_histogram(
+            weights, masks, scope, key_bits, prefixes, pass_index
+        )
+    return torch.ops.sap_kernels.magnitude_histogram(
+        weights, masks, scope, key_bits, prefixes, pass_index
+    )
+
+
+def rowwise_kth_key(backend: str, weights, masks, key_bits, ks):
+    if backend == "reference":
+        return reference.rowwise_kth_key(weights, masks, key_bits, ks)
+    if backend == "triton":
+        return _triton_ops().rowwise_kth_key(weights, masks, key_bits, ks)
+    return torch.ops.sap_kernels.rowwise_kth_key(weights, masks, key_bits, ks)
+
+
+def prune_masks(backend: str, weights, masks, scope, key_bits, threshold_keys, remove_equal):
+    if backend == "reference":
+        return reference.prune_masks(weights, masks, scope, key_bits, threshold_keys, remove_equal)
+    if backend == "triton":
+        return _triton_ops().prune_masks(
+            weights, masks, scope, key_bits, threshold_keys, remove_equal
+        )
+    return torch.ops.sap_kernels.prune_masks(
+        weights, masks, scope, key_bits, threshold_keys, remove_equal
+    )
+
+
+def apply_masks_(backend: str, weights, masks) -> None:
+    if backend == "reference":
+        return reference.apply_masks_(weights, masks)
+    if backend == "triton":
+        return _triton_ops().apply_masks_(weights, masks)
+    return torch.ops.sap_kernels.apply_masks_(weights, masks)
