@@ -26,8 +26,9 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def(
       "magnitude_histogram(Tensor[] weights, Tensor?[] masks, int scope, "
       "int key_bits, Tensor prefixes, int pass_index) -> Tensor");
-  // int64 [rows]: key of the ks[row]-th smallest retained magnitude of every
-  // row (neuron scope); -1 where ks[row] == 0.
+  // int64 [rows, 2] for the neuron scope: (key of the ks[row]-th smallest
+  // retained magnitude of the row, number of retained keys below it);
+  // (-1, 0) where ks[row] == 0. ks must lie in [0, retained count of the row].
   m.def(
       "rowwise_kth_key(Tensor[] weights, Tensor?[] masks, int key_bits, "
       "Tensor ks) -> Tensor");

@@ -34,7 +34,7 @@ if has_extension():
 
     @torch.library.register_fake("sap_kernels::rowwise_kth_key")
     def _rowwise_kth_key_fake(weights, masks, key_bits, ks):
-        return weights[0].new_empty((_fake_units(weights, _NEURON),), dtype=torch.int64)
+        return weights[0].new_empty((_fake_units(weights, _NEURON), 2), dtype=torch.int64)
 
     @torch.library.register_fake("sap_kernels::prune_masks")
     def _prune_masks_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):

@@ -32,7 +32,9 @@ def check_finite(weights, masks, op: str) -> None:
     for i, (w, m) in enumerate(zip(weights, masks)):
         bad = ~torch.isfinite(w) & _retained(w, m)
         if bool(bad.any()):
-            raise ValueError(f"{op}: weights[{i}] contains NaN or infinity among its retained weights")
+            raise ValueError(
+                f"{op}: weights[{i}] contains NaN or infinity among its retained weights"
+            )
 
 
 def magnitude_keys(w: torch.Tensor, key_bits: int) -> torch.Tensor:
@@ -73,9 +75,7 @@ def masked_power_sums(weights, masks, p: float, q: float, scope: int) -> torch.T
         a = _as_rows(w.detach().double().abs())
         keep = _as_rows(_retained(w, m))
         a = torch.where(keep, a, torch.zeros_like(a))
-        per_row.append(
-            torch.stack([a.pow(p).sum(1), a.pow(q).sum(1), keep.sum(1).double()], dim=1)
-        )
+        per_row.append(torch.stack([a.pow(p).sum(1), a.pow(q).sum(1), keep.sum(1).double()], dim=1))
     return _unit_reduce(per_row, scope)
 
 
@@ -96,21 +96,25 @@ def magnitude_histogram(weights, masks, scope: int, key_bits: int, prefixes, pas
 
 
 def rowwise_kth_key(weights, masks, key_bits: int, ks: torch.Tensor) -> torch.Tensor:
-    """int64 [rows]: key of the ks[row]-th smallest retained magnitude of each row."""
+    """int64 [rows, 2]: (key of the ks[row]-th smallest retained magnitude of each
+    row, retained keys below it); (-1, 0) where ks[row] == 0."""
     masks = list(masks) if masks else [None] * len(weights)
-    out = []
-    for w, m in zip(weights, masks):
-        keys = _as_rows(magnitude_keys(w.detach(), key_bits))
-        keys = torch.where(_as_rows(_retained(w, m)), keys, torch.full_like(keys, _SENTINEL_KEY))
-        out.append(keys.sort(dim=1).values if keys.shape[1] else keys)
+    check_finite(weights, masks, "rowwise_kth_key")
     ks = ks.long().cpu()
     result, row = [], 0
-    for sorted_keys in out:
-        for r in range(sorted_keys.shape[0]):
+    for w, m in zip(weights, masks):
+        keys = _as_rows(magnitude_keys(w.detach(), key_bits)).cpu()
+        keep = _as_rows(_retained(w, m)).cpu()
+        keys = torch.where(keep, keys, torch.full_like(keys, _SENTINEL_KEY))
+        for r in range(keys.shape[0]):
             k = int(ks[row])
-            result.append(int(sorted_keys[r, k - 1]) if k > 0 else -1)
             row += 1
-    return torch.tensor(result, dtype=torch.long, device=weights[0].device)
+            if k <= 0:
+                result.append((-1, 0))
+                continue
+            kth = int(keys[r].sort().values[k - 1])
+            result.append((kth, int((keys[r] < kth).sum())))
+    return torch.tensor(result, dtype=torch.long, device=weights[0].device).reshape(-1, 2)
 
 
 def prune_masks(weights, masks, scope: int, key_bits: int, threshold_keys, remove_equal):
@@ -159,7 +163,10 @@ def apply_masks_(weights, masks) -> None:
 def _unit_magnitudes(weights, masks, scope: str) -> list[torch.Tensor]:
     """Retained magnitudes (float64) per unit, concatenated in flat order."""
     masks = list(masks) if masks else [None] * len(weights)
-    flat = [w.detach().double().abs().flatten()[_retained(w, m).flatten()] for w, m in zip(weights, masks)]
+    flat = [
+        w.detach().double().abs().flatten()[_retained(w, m).flatten()]
+        for w, m in zip(weights, masks)
+    ]
     if scope == "global":
         return [torch.cat(flat)]
     if scope == "layer":

@@ -1,0 +1,267 @@
+"""Exact magnitude thresholds and pruning across shards (DESIGN.md §3, §5).
+
+Radix select on the bit patterns of |w| (its "keys"): a 65,536-bin histogram
+of the high 16 bits per unit picks the bucket holding the k-th key; for
+float32 a second histogram of the low 16 bits inside that bucket finishes the
+job. The histograms are the only extra memory and the only thing ranks
+exchange. Pruning then removes every retained key below the threshold and the
+first (count - below) keys equal to it in flat order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from ._inputs import collect_masks, collect_weights, num_units, scope_code, split_neuron
+from .reference import key_bits_for, keys_to_values
+
+# Units per histogram call in layer scope: 64 x 65,536 int64 = 32 MiB.
+_UNITS_PER_HISTOGRAM = 64
+_HIGH_NONFINITE = {32: 0x7F80, 16: None}
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _per_unit(values, units: int, argument: str, weights, scope: str) -> torch.Tensor:
+    """An int, a 1-d tensor of `units` ints, or (neuron scope) one 1-d tensor per
+    weight tensor, as an int64 CPU tensor [units]."""
+    if isinstance(values, bool):
+        raise TypeError(f"{argument} must be an int or a tensor of ints, not a bool")
+    if isinstance(values, int):
+        return torch.full((units,), values, dtype=torch.int64)
+    if scope == "neuron" and isinstance(values, (list, tuple)):
+        values = torch.cat([torch.as_tensor(v).reshape(-1) for v in values])
+    values = torch.as_tensor(values)
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"{argument} must hold integers, got dtype {values.dtype}")
+    values = values.reshape(-1).to(torch.int64)
+    if values.numel() == 1 and units != 1:
+        values = values.expand(units)
+    if values.numel() != units:
+        raise ValueError(f"{argument} has {values.numel()} entries but scope has {units} units")
+    return values.cpu() if not _compiling() else values
+
+
+def _nonfinite_digit(key_bits: int, dtype: torch.dtype) -> int:
+    if key_bits == 32:
+        return 0x7F80
+    return 0x7F80 if dtype == torch.bfloat16 else 0x7C00
+
+
+def _check_counts(ks, retained, argument: str, allow_zero: bool, labels) -> None:
+    if _compiling():
+        return  # data-dependent checks would break the graph; eager mode checks
+    low = 0 if allow_zero else 1
+    bad = (ks < low) | (ks > retained.to(ks.device))
+    if bool(bad.any()):
+        u = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{argument}[{u}] = {int(ks[u])} is out of range: {labels(u)} has "
+            f"{int(retained[u])} retained weights (allowed: {low}..{int(retained[u])})"
+        )
+
+
+def _select_radix(
+    backend,
+    tensors,
+    masks,
+    code,
+    key_bits,
+    ks,
+    group,
+    argument,
+    allow_zero,
+    labels,
+    nonfinite_digit,
+):
+    """(keys, below) per unit for scopes global/layer; keys -1 where ks == 0."""
+    device = tensors[0].device
+    units = ks.numel()
+    ks = ks.to(device)
+    zeros = torch.zeros(units, dtype=torch.int64, device=device)
+    hist = ops.magnitude_histogram(backend, tensors, masks, code, key_bits, zeros, 0)
+    if group is not None:
+        from .distributed import all_reduce_histogram
+
+        hist = all_reduce_histogram(hist, group)
+    if not _compiling() and bool(hist[:, nonfinite_digit:].any()):
+        u = int(hist[:, nonfinite_digit:].sum(1).nonzero()[0, 0])
+        raise ValueError(f"{labels(u)} contains NaN or infinity among its retained weights")
+    cumulative = hist.cumsum(1)
+    _check_counts(ks, cumulative[:, -1], argument, allow_zero, labels)
+    target = ks.clamp(min=1)
+    digit = torch.searchsorted(cumulative, target[:, None]).squeeze(1).clamp(max=65535)
+    below = torch.where(
+        digit > 0, cumulative.gather(1, (digit - 1).clamp(min=0)[:, None]).squeeze(1), zeros
+    )
+    keys = digit
+    if key_bits == 32:
+        hist_low = ops.magnitude_histogram(backend, tensors, masks, code, key_bits, digit, 1)
+        if group is not None:
+            hist_low = all_reduce_histogram(hist_low, group)
+        cumulative_low = hist_low.cumsum(1)
+        digit_low = torch.searchsorted(cumulative_low, (target - below)[:, None]).squeeze(1)
+        digit_low = digit_low.clamp(max=65535)
+        below = below + torch.where(
+            digit_low > 0,
+            cumulative_low.gather(1, (digit_low - 1).clamp(min=0)[:, None]).squeeze(1),
+            zeros,
+        )
+        keys = (digit << 16) | digit_low
+    keys = torch.where(ks > 0, keys, torch.full_like(keys, -1))
+    below = torch.where(ks > 0, below, zeros)
+    return keys, below
+
+
+def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero):
+    """(keys, below) per unit: the key of the ks[u]-th smallest retained |w| and the
+    number of retained keys below it."""
+    tensors = weights.tensors
+    key_bits = key_bits_for(tensors)
+    code = scope_code(scope)
+    if scope == "neuron":
+        if group is not None:
+            raise NotImplementedError("group= is not supported with scope='neuron'")
+        if not _compiling():
+            retained = torch.cat(
+                [
+                    (torch.ones_like(w, dtype=torch.bool) if m is None else m)
+                    .reshape(1 if w.dim() == 0 else w.shape[0], -1)
+                    .sum(1)
+                    .cpu()
+                    for w, m in zip(tensors, masks)
+                ]
+            )
+            _check_counts(ks, retained, argument, allow_zero, lambda u: f"row {u}")
+        result = ops.rowwise_kth_key(backend, tensors, masks, key_bits, ks.to(tensors[0].device))
+        return result[:, 0], result[:, 1], key_bits
+    nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
+    if scope == "global":
+        keys, below = _select_radix(
+            backend,
+            tensors,
+            masks,
+            code,
+            key_bits,
+            ks,
+            group,
+            argument,
+            allow_zero,
+            lambda u: "the retained weights",
+            nonfinite_digit,
+        )
+        return keys, below, key_bits
+    key_parts, below_parts = [], []
+    for start in range(0, len(tensors), _UNITS_PER_HISTOGRAM):
+        stop = min(start + _UNITS_PER_HISTOGRAM, len(tensors))
+        keys, below = _select_radix(
+            backend,
+            tensors[start:stop],
+            masks[start:stop],
+            code,
+            key_bits,
+            ks[start:stop],
+            group,
+            f"{argument}",
+            allow_zero,
+            lambda u, start=start: weights.label(start + u),
+            nonfinite_digit,
+        )
+        key_parts.append(keys)
+        below_parts.append(below)
+    return torch.cat(key_parts), torch.cat(below_parts), key_bits
+
+
+def _result_dtype(tensors) -> torch.dtype:
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def magnitude_threshold(
+    tensors, k, masks=None, *, scope: str = "global", backend: str = "auto", group=None
+):
+    """The exact k-th smallest |w| among retained weights, per unit (k is 1-based).
+
+    Equal to `torch.kthvalue` of the concatenated retained magnitudes, computed
+    without concatenating. `k` is an int, or for 'layer'/'neuron' scope a tensor
+    with one k per unit (for 'neuron' also a list of per-tensor tensors).
+    Returns a 0-d tensor (global), a 1-d tensor per tensor (layer) or a list of
+    per-row tensors (neuron), in the weights' dtype (float32 if they differ).
+    """
+    weights = collect_weights(tensors)
+    mask_list = collect_masks(masks, weights)
+    scope_code(scope)
+    chosen = ops.resolve_backend(backend, weights.tensors)
+    ks = _per_unit(k, num_units(weights, scope), "k", weights, scope)
+    if chosen == "reference" and group is None:
+        from .reference import magnitude_threshold_by_concatenation
+
+        _check_finite_reference(weights, mask_list)
+        values = magnitude_threshold_by_concatenation(weights.tensors, ks, mask_list, scope).to(
+            _result_dtype(weights.tensors)
+        )
+    else:
+        keys, _, key_bits = _kth_keys(chosen, weights, mask_list, scope, ks, group, "k", False)
+        source = weights.tensors[0].dtype if key_bits == 16 else torch.float32
+        values = keys_to_values(keys, key_bits, source).to(_result_dtype(weights.tensors))
+    if scope == "global":
+        return values[0]
+    if scope == "layer":
+        return values
+    return split_neuron(values, weights)
+
+
+def _check_finite_reference(weights, masks) -> None:
+    from .reference import check_finite
+
+    check_finite(weights.tensors, masks, "magnitude_threshold")
+
+
+def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto", group=None):
+    """New bool masks with exactly `counts` more weights removed per unit.
+
+    The removed weights are the `counts[u]` retained weights of smallest
+    magnitude in each unit; among equal magnitudes, earlier ones in flat order
+    (tensor order as given, then row-major) go first, so every backend gives
+    the same masks. `masks=None` means all retained. `counts` is an int or one
+    int per unit (see `magnitude_threshold`). Inputs are not modified.
+    """
+    weights = collect_weights(tensors)
+    mask_list = collect_masks(masks, weights)
+    code = scope_code(scope)
+    chosen = ops.resolve_backend(backend, weights.tensors)
+    counts = _per_unit(counts, num_units(weights, scope), "counts", weights, scope)
+    keys, below, key_bits = _kth_keys(
+        chosen, weights, mask_list, scope, counts, group, "counts", True
+    )
+    remove_equal = counts.to(keys.device) - below
+    return ops.prune_masks(chosen, weights.tensors, mask_list, code, key_bits, keys, remove_equal)
+
+
+def prune_(tensors, masks, counts, *, scope: str = "global", backend: str = "auto", group=None):
+    """In-place `prune`: updates every mask tensor and returns the list of masks."""
+    if masks is None or any(m is None for m in masks):
+        raise ValueError("prune_: masks must hold one bool tensor per weight (got None)")
+    new_masks = prune(tensors, masks, counts, scope=scope, backend=backend, group=group)
+    with torch.no_grad():
+        for mask, new in zip(masks, new_masks):
+            mask.copy_(new)
+    return list(masks)
+
+
+def apply_masks_(tensors, masks, *, backend: str = "auto"):
+    """Zeroes the pruned weights of every shard in place, in one fused pass."""
+    weights = collect_weights(tensors)
+    if masks is None:
+        raise ValueError("apply_masks_: masks must not be None")
+    mask_list = collect_masks(masks, weights)
+    missing = [i for i, m in enumerate(mask_list) if m is None]
+    if missing:
+        raise ValueError(f"apply_masks_: masks[{missing[0]}] is None")
+    chosen = ops.resolve_backend(backend, weights.tensors)
+    with torch.no_grad():
+        ops.apply_masks_(chosen, weights.tensors, mask_list)
+    return tensors
