@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 try:
     from sap_kernels import _C  # noqa: F401  (registers torch.ops.sap_kernels.*)
 
