@@ -28,8 +28,6 @@ def has_extension() -> bool:
 
 def has_cuda_kernels() -> bool:
     """Whether the extension was built with its CUDA kernels."""
-    import torch
-
     return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
         "sap_kernels::masked_power_sums", "CUDA"
     )
