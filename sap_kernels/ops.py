@@ -5,6 +5,9 @@ float64 reference in sap_kernels/reference.py has the same signature."""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from . import reference
@@ -53,19 +56,31 @@ def _triton_ops():
 
 def available_backends(device: torch.device) -> list[str]:
     """Backends that can run on tensors of `device`, fastest first."""
+    return list(_backends_for_device_type(torch.device(device).type))
+
+
+@functools.lru_cache(maxsize=None)
+def _backends_for_device_type(device_type: str) -> tuple[str, ...]:
     names = []
-    if device.type == "cpu" and has_extension():
+    if device_type == "cpu" and has_extension():
         names.append("cpu")
-    if device.type == "cuda":
-        if has_cuda_kernels():
-            names.append("cuda")
+    if device_type == "cuda" and has_cuda_kernels():
+        names.append("cuda")
+    # On CPU tensors Triton runs only through its interpreter (TRITON_INTERPRET=1).
+    if device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         try:
             _triton_ops()
             names.append("triton")
         except ImportError:
             pass
     names.append("reference")
-    return names
+    return tuple(names)
+
+
+# Evaluated once at trace time, so torch.compile sees a constant backend name.
+@torch.compiler.assume_constant_result
+def _fastest_backend(device_type: str) -> str:
+    return _backends_for_device_type(device_type)[0]
 
 
 def resolve_backend(backend: str, weights: list[torch.Tensor]) -> str:
@@ -78,7 +93,7 @@ def resolve_backend(backend: str, weights: list[torch.Tensor]) -> str:
     if backend == "auto":
         if any(w.dtype not in KERNEL_DTYPES for w in weights):
             return "reference"  # e.g. float64: only the reference evaluates it
-        return available_backends(device)[0]
+        return _fastest_backend(device.type)
     if backend == "reference":
         return backend
     for i, w in enumerate(weights):
