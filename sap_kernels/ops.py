@@ -59,7 +59,7 @@ def available_backends(device: torch.device) -> list[str]:
     return list(_backends_for_device_type(torch.device(device).type))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backends_for_device_type(device_type: str) -> tuple[str, ...]:
     names = []
     if device_type == "cpu" and has_extension():

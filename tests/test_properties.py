@@ -12,6 +12,7 @@ import sap_kernels
 from sap_kernels import pqi_upper_bound
 
 EXPONENTS = [(0.5, 1.0), (0.7, 1.3), (1.0, 2.0)]
+ATOL = 1e-6  # the accuracy contract; float32 powers of a single weight are not exact
 BACKENDS = [*kernel_backends(), "reference"]
 
 
@@ -49,7 +50,7 @@ def test_d1_robin_hood(backend, p, q, generator):
 def test_d2_scaling(backend, p, q, generator):
     w = positive_vector(generator)
     for alpha in (1 / 1024, 3.0, 64.0):  # powers of two and a non-power keep values exact-ish
-        assert index(w * alpha, backend, p, q) == pytest.approx(index(w, backend, p, q), abs=1e-6)
+        assert index(w * alpha, backend, p, q) == pytest.approx(index(w, backend, p, q), abs=ATOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,7 +65,7 @@ def test_d3_rising_tide(backend, p, q, generator):
 def test_d4_cloning(backend, p, q, generator):
     w = positive_vector(generator)
     assert index(torch.cat([w, w]), backend, p, q) == pytest.approx(
-        index(w, backend, p, q), abs=1e-6
+        index(w, backend, p, q), abs=ATOL
     )
 
 
@@ -81,9 +82,9 @@ def test_bounds_equal_and_one_hot(backend, p, q, generator):
     for _ in range(10):
         w = torch.randn(int(torch.randint(1, 300, (1,), generator=generator)), generator=generator)
         value, d = index(w, backend, p, q), w.numel()
-        assert -1e-12 <= value <= pqi_upper_bound(d, p, q) + 1e-12
+        assert -ATOL <= value <= pqi_upper_bound(d, p, q) + ATOL
     d = 37
-    assert index(torch.full((d,), -0.3), backend, p, q) == pytest.approx(0.0, abs=1e-7)
+    assert index(torch.full((d,), -0.3), backend, p, q) == pytest.approx(0.0, abs=ATOL)
     one_hot = torch.zeros(d)
     one_hot[11] = 2.5
-    assert index(one_hot, backend, p, q) == pytest.approx(pqi_upper_bound(d, p, q), abs=1e-7)
+    assert index(one_hot, backend, p, q) == pytest.approx(pqi_upper_bound(d, p, q), abs=ATOL)

@@ -24,8 +24,8 @@ SAP_INLINE uint32_t magnitude_bits_f32(uint32_t bits) { return bits & 0x7fffffff
 SAP_INLINE uint32_t magnitude_bits_bf16(uint16_t bits) { return uint32_t(bits & 0x7fffu) << 16; }
 SAP_INLINE uint32_t magnitude_bits_f16(uint16_t bits) {
   const uint32_t em = bits & 0x7fffu;
-  if (em >= 0x7c00u) return 0x7f800000u | (em & 0x3ffu);  // inf / NaN stay non-finite
-  return bits_as<uint32_t>(bits_as<float>(em << 13) * 0x1p112f);
+  const uint32_t finite = bits_as<uint32_t>(bits_as<float>(em << 13) * 0x1p112f);
+  return em >= 0x7c00u ? (0x7f800000u | (em & 0x3ffu)) : finite;  // inf / NaN stay non-finite
 }
 
 constexpr uint32_t kFloat32InfBits = 0x7f800000u;
