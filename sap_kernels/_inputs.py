@@ -61,7 +61,7 @@ def collect_weights(tensors, argument: str = "tensors") -> Weights:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{argument}[{i}] is a {type(t).__name__}, not a torch.Tensor")
-        out.append(t.detach())
+        out.append(t.detach() if t.requires_grad else t)
     weights = Weights(out, [f"{argument}[{i}]" for i in range(len(out))])
     check_weights(weights)
     return weights
@@ -109,7 +109,7 @@ def collect_masks(masks, weights: Weights, argument: str = "masks") -> list[torc
             raise ValueError(
                 f"{argument}[{i}] is on {m.device} but {weights.label(i)} is on {w.device}"
             )
-        out.append(m.detach())
+        out.append(m)
     return out
 
 
