@@ -140,6 +140,7 @@ class _Entry:
     floating: bool
     read_rows: Callable[[int, int], torch.Tensor]  # rows [start, stop) of a (rows, -1) view
     shard: str | None = None
+    mapped: bool = False  # read_rows returns views of a file mapping (torch.load mmap=True)
 
 
 def _open_safetensors(path: str):
@@ -208,12 +209,33 @@ def _flatten_state(obj, prefix: str = "") -> Iterator[tuple[str, object]]:
         yield prefix[:-1], obj
 
 
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drops the resident pages of a memory-mapped (file-backed) tensor: they are
+    clean, so the kernel re-reads them from the file if they are touched again.
+    Only for tensors that `torch.load(mmap=True)` returned (never anonymous
+    memory, where MADV_DONTNEED would discard the data)."""
+    import ctypes
+    import mmap
+
+    if not hasattr(mmap, "MADV_DONTNEED") or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    stop = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, stop // page * page  # whole pages inside
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
 def _torch_entries(path: str) -> Iterator[_Entry]:
+    mapped = True
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as error:
         if "mmap" not in str(error):
             raise CheckpointError(_torch_load_message(path, error)) from None
+        mapped = False
         # legacy (non-zip) format: cannot be memory-mapped, so it is read whole
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -231,7 +253,7 @@ def _torch_entries(path: str) -> Iterator[_Entry]:
             return rows[start:stop]
 
         dtype_name = str(value.dtype).removeprefix("torch.")
-        yield _Entry(name, shape, dtype_name, value.is_floating_point(), read_rows)
+        yield _Entry(name, shape, dtype_name, value.is_floating_point(), read_rows, None, mapped)
 
 
 def _torch_load_message(path: str, error: Exception) -> str:
@@ -323,7 +345,7 @@ def _measure(entry: _Entry, p, q, scope, backend, block_bytes):
         )
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        block = entry.read_rows(start, stop)
+        block = source = entry.read_rows(start, stop)
         if block.dtype not in _READ_AS_IS:
             block = block.float()  # float8: exact in float32
         if scope == "neuron":
@@ -334,8 +356,10 @@ def _measure(entry: _Entry, p, q, scope, backend, block_bytes):
         else:
             part = pq_sums([block], p=p, q=q, scope="layer", backend=backend)
             sums += torch.stack([part.sum_p[0], part.sum_q[0], part.count[0]])
-        zeros += int((block == 0).sum())
-        del block
+        zeros += block.numel() - int(torch.count_nonzero(block))  # no temporary mask
+        if entry.mapped:
+            _drop_mapped_pages(source)
+        del block, source
     return sums, zeros, (torch.cat(row_sums) if row_sums is not None else None)
 
 
