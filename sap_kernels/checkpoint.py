@@ -178,13 +178,14 @@ def _index_entries(index_path: str) -> Iterator[_Entry]:
     try:
         with open(index_path) as f:
             index = json.load(f)
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{index_path}: not a safetensors index ({reason})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
-            f"{index_path}: not a safetensors index (expected JSON with a 'weight_map': {error})"
-        ) from None
+            f"{index_path}: not a safetensors index (no 'weight_map' object of tensor -> shard)"
+        )
     folder = os.path.dirname(os.path.abspath(index_path))
     shards = sorted(set(weight_map.values()))
     for shard in shards:
@@ -293,7 +294,7 @@ def _detect_format(path: str) -> tuple[str, str]:
         magic = f.read(4)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":  # zip (torch.save) or a legacy pickle
         return "torch", path
-    return "safetensors", path  # else only safetensors is possible; its error says why not
+    return "unknown", path  # safetensors (any name) or not a checkpoint
 
 
 def iter_checkpoint(path: str) -> tuple[str, Iterator[_Entry]]:
@@ -303,6 +304,16 @@ def iter_checkpoint(path: str) -> tuple[str, Iterator[_Entry]]:
         return kind, _index_entries(target)
     if kind == "safetensors":
         return kind, _safetensors_entries(target)
+    if kind == "unknown":
+        try:
+            _open_safetensors(target).__exit__(None, None, None)
+        except CheckpointError as error:
+            reason = str(error).split("(", 1)[-1].rstrip(")")
+            raise CheckpointError(
+                f"{path}: not a checkpoint (expected a .safetensors file, a "
+                f"*.safetensors.index.json or a torch.save file; as safetensors: {reason})"
+            ) from None
+        return "safetensors", _safetensors_entries(target)
     return kind, _torch_entries(target)
 
 
@@ -429,7 +440,7 @@ def pqi_of_checkpoint(
             reason = "contains NaN or infinity"
             result.skipped.append(SkippedTensor(entry.name, entry.shape, entry.dtype, reason))
             continue
-        except RuntimeError as error:
+        except (TypeError, RuntimeError) as error:
             message = (str(error).splitlines() or [type(error).__name__])[0]
             raise CheckpointError(f"{entry.name}: could not be measured: {message}") from None
         total += sums
