@@ -416,7 +416,7 @@ def run_benchmark(config: BenchConfig, progress: bool = False) -> BenchResult:
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks), desc="bench", unit="run", leave=False)
+        bar = tqdm(total=len(tasks), desc="bench", unit="run", leave=False, disable=None)
     oracles = {}
     for op, implementation, fn, error_of in tasks:
         if bar is not None:

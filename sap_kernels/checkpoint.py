@@ -479,4 +479,4 @@ def _progress(entries, enabled: bool):
         return entries
     from tqdm import tqdm
 
-    return tqdm(entries, desc="tensors", unit="tensor", leave=False)
+    return tqdm(entries, desc="tensors", unit="tensor", leave=False, disable=None)  # None: tty only
