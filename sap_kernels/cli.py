@@ -222,13 +222,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench import (
-        BenchConfigError,
-        config_from_args,
-        format_table,
-        run_benchmark,
-        write_outputs,
-    )
+    from .bench import BenchConfigError, config_from_args, run_benchmark
+    from .bench_report import format_table, write_outputs
 
     try:
         config = config_from_args(args)
