@@ -196,7 +196,12 @@ def _index_entries(index_path: str) -> Iterator[_Entry]:
         wanted = {name for name, s in weight_map.items() if s == shard}
         for entry in _safetensors_entries(os.path.join(folder, shard), shard):
             if entry.name in wanted:
+                wanted.discard(entry.name)
                 yield entry
+        if wanted:
+            raise CheckpointError(
+                f"{index_path}: {sorted(wanted)[0]} is listed in the index but not in {shard}"
+            )
 
 
 def _flatten_state(obj, prefix: str = "") -> Iterator[tuple[str, object]]:

@@ -136,6 +136,11 @@ def test_index_problems(capsys, tmp_path, checkpoint):
     code, _, err = run(capsys, missing)
     assert code == EXIT_INPUT_ERROR
     assert_one_line_error(err, "gone.safetensors", "missing")
+    stale = tmp_path / "stale.safetensors.index.json"
+    stale.write_text(json.dumps({"weight_map": {"z.weight": checkpoint.name}}))
+    code, _, err = run(capsys, stale)
+    assert code == EXIT_INPUT_ERROR
+    assert_one_line_error(err, "z.weight is listed in the index but not in model.safetensors")
 
 
 def test_only_non_floating_tensors(capsys, tmp_path):
