@@ -245,7 +245,12 @@ def _load_demo():
     try:
         from . import demo
     except ImportError as error:
-        return None, f"the demo is not available in this installation ({error})"
+        if error.name in ("sap_kernels", "sap_kernels.demo"):
+            return None, "the demo is not available: sap_kernels.demo is not in this installation"
+        return None, (
+            f"the demo is not available: it needs {error.name or error}; "
+            "install its extras with `pip install 'sap_kernels[demo]'`"
+        )
     missing = [n for n in ("run_demo", "add_demo_arguments") if not hasattr(demo, n)]
     if missing:
         return None, f"sap_kernels.demo lacks {', '.join(missing)}"
@@ -299,14 +304,14 @@ def build_parser(load_demo: bool = False) -> argparse.ArgumentParser:
     _add_pqi_arguments(pqi)
     pqi.set_defaults(handler=run_pqi)
 
-    demo = commands.add_parser("demo", help="run the SAP demo", add_help=not load_demo)
+    # sap_kernels.demo (and what it imports) loads only when the demo is asked for
+    demo = commands.add_parser("demo", help="run the SAP demo (sap_kernels.demo)")
     if load_demo:
         module, reason = _load_demo()
-        if module is None:
-            demo.add_argument("-h", "--help", action="help")
+        if module is None:  # any arguments are accepted, to reach the clear message
             demo.set_defaults(handler=lambda args, reason=reason: _demo_missing(reason))
+            demo.set_defaults(demo_missing=True)
         else:
-            demo.add_argument("-h", "--help", action="help")
             module.add_demo_arguments(demo)
             demo.set_defaults(handler=lambda args, module=module: _call_demo(module.run_demo, args))
     return parser
@@ -319,7 +324,9 @@ def _demo_missing(reason: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(load_demo=bool(argv) and argv[0] == "demo")
-    args = parser.parse_args(argv)  # exits 2 on a usage error
+    args, unknown = parser.parse_known_args(argv)  # exits 2 on a usage error
+    if unknown and not getattr(args, "demo_missing", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = os.environ.get("SAP_KERNELS_DEBUG") == "1"
     try:
         status = args.handler(args)
