@@ -136,7 +136,7 @@ class _Entry:
 
     name: str
     shape: list[int]
-    dtype: str  # as the format names it: 'F32', 'torch.float32', ...
+    dtype: str  # a torch dtype name: 'float32', 'bfloat16', 'int8', ...
     floating: bool
     read_rows: Callable[[int, int], torch.Tensor]  # rows [start, stop) of a (rows, -1) view
     shard: str | None = None
