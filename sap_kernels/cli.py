@@ -314,7 +314,12 @@ def build_parser(load_demo: bool = False) -> argparse.ArgumentParser:
             demo.set_defaults(demo_missing=True)
         else:
             module.add_demo_arguments(demo)
-            demo.set_defaults(handler=lambda args, module=module: _call_demo(module.run_demo, args))
+            if hasattr(module, "run_demo_from_args"):  # its own runner prints its table
+                demo.set_defaults(handler=module.run_demo_from_args)
+            else:
+                demo.set_defaults(
+                    handler=lambda args, module=module: _call_demo(module.run_demo, args)
+                )
     return parser
 
 

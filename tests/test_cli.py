@@ -194,6 +194,22 @@ def test_demo_is_called_with_its_arguments(capsys, monkeypatch):
     assert calls == [3]
 
 
+def test_demo_prefers_its_own_runner(capsys, monkeypatch):
+    import types
+
+    calls = []
+    fake = types.ModuleType("sap_kernels.demo")
+    fake.add_demo_arguments = lambda parser: parser.add_argument(
+        "--no-progress", action="store_true"
+    )
+    fake.run_demo = lambda output_dir="demo-out", *, progress=True: calls.append("run_demo")
+    fake.run_demo_from_args = lambda args: calls.append(("from_args", args.no_progress)) or 0
+    monkeypatch.setitem(sys.modules, "sap_kernels.demo", fake)
+    monkeypatch.setattr("sap_kernels.demo", fake, raising=False)
+    assert main(["demo", "--no-progress"]) == EXIT_OK
+    assert calls == [("from_args", True)]
+
+
 def test_module_entry_point_in_a_subprocess(checkpoint):
     done = subprocess.run(
         [sys.executable, "-m", "sap_kernels.cli", "pqi", str(checkpoint), "--json"],
