@@ -6,7 +6,8 @@
 
 Formats: a `.safetensors` file, a sharded safetensors checkpoint (its
 `*.safetensors.index.json`, or a directory holding one), or a PyTorch
-state-dict file (`torch.load(..., weights_only=True, mmap=True)`).
+state-dict file (`torch.load(..., weights_only=True, mmap=True)`), sharded
+too (`pytorch_model.bin.index.json`).
 
 Memory: safetensors tensors are read in row blocks of at most
 `block_bytes` (64 MiB by default), each through its own short-lived
@@ -180,11 +181,11 @@ def _index_entries(index_path: str) -> Iterator[_Entry]:
             index = json.load(f)
     except (OSError, ValueError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{index_path}: not a safetensors index ({reason})") from None
+        raise CheckpointError(f"{index_path}: not a checkpoint index ({reason})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
-            f"{index_path}: not a safetensors index (no 'weight_map' object of tensor -> shard)"
+            f"{index_path}: not a checkpoint index (no 'weight_map' object of tensor -> shard)"
         )
     folder = os.path.dirname(os.path.abspath(index_path))
     shards = sorted(set(weight_map.values()))
@@ -194,7 +195,12 @@ def _index_entries(index_path: str) -> Iterator[_Entry]:
             raise CheckpointError(f"{index_path}: shard {shard} listed in the index is missing")
     for shard in shards:
         wanted = {name for name, s in weight_map.items() if s == shard}
-        for entry in _safetensors_entries(os.path.join(folder, shard), shard):
+        shard_path = os.path.join(folder, shard)
+        if shard.endswith(".safetensors"):
+            entries = _safetensors_entries(shard_path, shard)
+        else:  # e.g. pytorch_model-00001-of-00002.bin of a pytorch_model.bin.index.json
+            entries = _torch_entries(shard_path, shard)
+        for entry in entries:
             if entry.name in wanted:
                 wanted.discard(entry.name)
                 yield entry
@@ -234,7 +240,7 @@ def _drop_mapped_pages(tensor: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
-def _torch_entries(path: str) -> Iterator[_Entry]:
+def _torch_entries(path: str, shard_label: str | None = None) -> Iterator[_Entry]:
     mapped = True
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -259,7 +265,8 @@ def _torch_entries(path: str) -> Iterator[_Entry]:
             return rows[start:stop]
 
         dtype_name = str(value.dtype).removeprefix("torch.")
-        yield _Entry(name, shape, dtype_name, value.is_floating_point(), read_rows, None, mapped)
+        floating = value.is_floating_point()
+        yield _Entry(name, shape, dtype_name, floating, read_rows, shard_label, mapped)
 
 
 def _torch_load_message(path: str, error: Exception) -> str:
@@ -268,17 +275,23 @@ def _torch_load_message(path: str, error: Exception) -> str:
 
 
 def _detect_format(path: str) -> tuple[str, str]:
-    """(format, path to open): 'safetensors', 'safetensors-index' or 'torch'."""
+    """(format, path to open): 'safetensors', 'sharded' (an index of shards) or 'torch'."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        indices = sorted(n for n in os.listdir(path) if n.endswith(".safetensors.index.json"))
+        # a safetensors index first, then any other (pytorch_model.bin.index.json)
+        indices = sorted(
+            (not n.endswith(".safetensors.index.json"), n)
+            for n in os.listdir(path)
+            if n.endswith(".index.json")
+        )
+        indices = [n for _, n in indices]
         singles = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         pickles = [
             n for n in ("pytorch_model.bin", "model.pt", "model.pth") if n in os.listdir(path)
         ]
         if indices:
-            return "safetensors-index", os.path.join(path, indices[0])
+            return "sharded", os.path.join(path, indices[0])
         if len(singles) == 1:
             return "safetensors", os.path.join(path, singles[0])
         if len(singles) > 1:
@@ -292,7 +305,7 @@ def _detect_format(path: str) -> tuple[str, str]:
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: permission denied")
     if path.endswith(".json"):
-        return "safetensors-index", path
+        return "sharded", path
     if path.endswith(".safetensors"):
         return "safetensors", path
     with open(path, "rb") as f:
@@ -305,7 +318,7 @@ def _detect_format(path: str) -> tuple[str, str]:
 def iter_checkpoint(path: str) -> tuple[str, Iterator[_Entry]]:
     """(format, entries) of a checkpoint; raises CheckpointError if unreadable."""
     kind, target = _detect_format(str(path))
-    if kind == "safetensors-index":
+    if kind == "sharded":
         return kind, _index_entries(target)
     if kind == "safetensors":
         return kind, _safetensors_entries(target)

@@ -145,13 +145,32 @@ def test_state_dict_file_matches_safetensors(sharded, tmp_path):
     assert [s.name for s in from_torch.skipped] == ["model.layers.1.qint.weight"]
 
 
+def test_sharded_state_dict_index(sharded, tmp_path):
+    index, flat = sharded
+    weight_map = json.load(open(index))["weight_map"]
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for shard in set(weight_map.values()):
+        names = [n for n, s in weight_map.items() if s == shard]
+        torch.save({n: flat[n] for n in names}, folder / shard.replace(".safetensors", ".bin"))
+    bin_map = {n: s.replace(".safetensors", ".bin") for n, s in weight_map.items()}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": bin_map}))
+    from_bins = pqi_of_checkpoint(folder, backend="reference")  # the directory finds the index
+    from_safetensors = pqi_of_checkpoint(index, backend="reference")
+    assert from_bins.format == "sharded"
+    assert {x.name: x.pqi for x in from_bins.layers} == {
+        x.name: x.pqi for x in from_safetensors.layers
+    }
+    assert from_bins.global_pqi == from_safetensors.global_pqi
+
+
 def test_result_object_and_all_tensors(sharded):
     index, flat = sharded
     result = pqi_of_checkpoint(index, filter=ALL_TENSORS, scope="global")
     floating = [n for n, t in flat.items() if t.is_floating_point()]
     assert sorted(layer.name for layer in result.layers) == sorted(floating)
     assert {s.name for s in result.skipped} == {"layers.1.qint.weight", "layers.0.position_ids"}
-    assert result.format == "safetensors-index"
+    assert result.format == "sharded"
     assert json.loads(result.to_json())["global_pqi"] == pytest.approx(result.global_pqi)
 
 

@@ -130,7 +130,7 @@ def test_index_problems(capsys, tmp_path, checkpoint):
     bad.write_text('{"metadata": {}}')
     code, _, err = run(capsys, bad)
     assert code == EXIT_INPUT_ERROR
-    assert_one_line_error(err, "not a safetensors index")
+    assert_one_line_error(err, "not a checkpoint index")
     missing = tmp_path / "missing.safetensors.index.json"
     missing.write_text(json.dumps({"weight_map": {"a.weight": "gone.safetensors"}}))
     code, _, err = run(capsys, missing)
