@@ -235,6 +235,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.out:
         paths = write_outputs(result, args.out)
         print("wrote " + ", ".join(paths))
+        if not any(path.endswith(".png") for path in paths):
+            print("note: no plot (matplotlib is not installed)", file=sys.stderr)
     return EXIT_OK
 
 
