@@ -12,7 +12,7 @@ Implementations timed per op:
 - 'eager': pure PyTorch, the float64 references in sap_kernels.reference
   (also the oracle for the error column);
 - 'compiled' (PQI ops only): `torch.compile` of a pure PyTorch PQI over the
-  shards (|w|^p in the weights' dtype, sums accumulated in float64); its
+  shards (|w|^p in float32, sums accumulated in float64); its
   compile time is reported separately and excluded from the median;
 - 'probe': the bandwidth probe, `torch.sum` over every shard on CPU, a
   device-to-device copy of every shard on GPU.
@@ -193,11 +193,11 @@ def default_params(dtype: torch.dtype, device: torch.device) -> float:
 
 
 def _pure_pqi(shards, masks, p: float, q: float, scope: str):
-    """PQ Index in pure PyTorch: |w|^p in the weights' dtype, float64 sums."""
+    """PQ Index in pure PyTorch: |w|^p in float32, sums accumulated in float64."""
     sums = []
     for w, m in zip(shards, masks):
         rows = w.reshape(w.shape[0], -1) if scope == "neuron" else w.reshape(1, -1)
-        a = rows.abs()
+        a = rows.abs().float()  # fused by torch.compile: no float32 copy is stored
         count = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.float64, device=w.device)
         if m is not None:
             keep = m.reshape(rows.shape)
