@@ -44,8 +44,8 @@ def _float(text: str) -> float:
 def _add_pqi_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "path",
-        help="a .safetensors file, a *.safetensors.index.json (sharded), a directory holding "
-        "either, or a PyTorch state-dict file",
+        help="a .safetensors file, a sharded checkpoint's index (*.safetensors.index.json or "
+        "pytorch_model.bin.index.json), a directory holding one, or a torch.save state dict",
     )
     parser.add_argument("--p", type=_float, default=0.5, help="exponent p (default 0.5)")
     parser.add_argument("--q", type=_float, default=1.0, help="exponent q > p (default 1.0)")
@@ -284,6 +284,8 @@ def build_parser(load_demo: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Exact PQ Index and magnitude pruning kernels for PyTorch.",
+        epilog="exit status: 0 success, 1 input that cannot be used (one line on stderr), "
+        "2 usage error, 130 interrupted. SAP_KERNELS_DEBUG=1 shows tracebacks.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
