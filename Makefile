@@ -1,12 +1,12 @@
 # make test  : create .venv, install what is missing, build the extension, run the tests
-# make bench : same setup, then the PQI benchmark against pure PyTorch
+# make bench : same setup, then `sap-kernels bench`: every op against pure PyTorch
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 BENCH_ARGS ?=
 
-.PHONY: setup build test bench bench-all cuda-compile lint clean
+.PHONY: setup build test bench bench-pqi bench-threshold cuda-compile lint clean
 
 # --system-site-packages: a torch that is already importable (e.g. a CUDA
 # build on a GPU machine) is used as it is.
@@ -34,7 +34,14 @@ test: build cuda-compile
 	SAP_KERNELS_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
 
 bench: build
+	$(PY) -m sap_kernels.cli bench --out bench-out $(BENCH_ARGS)
+
+# The per-op benchmark scripts (issue figures in the README come from these).
+bench-pqi: build
 	$(PY) benchmarks/bench_pqi.py $(BENCH_ARGS)
+
+bench-threshold: build
+	$(PY) benchmarks/bench_threshold.py $(BENCH_ARGS)
 
 lint:
 	$(PY) -m ruff check sap_kernels tests benchmarks

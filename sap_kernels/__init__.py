@@ -8,6 +8,7 @@ sap_kernels.pqi(model, scope="layer")        # one value per weight tensor
 from ._extension import has_cuda_kernels, has_extension
 from ._inputs import default_parameter_filter, parameters_to_prune
 from .api import PQSums, pq_sums, pqi
+from .checkpoint import pqi_of_checkpoint
 from .ops import available_backends
 from .selection import apply_masks_, magnitude_threshold, prune, prune_
 from .sparsity import pqi_from_sums, pqi_upper_bound, sap_prune_counts
@@ -26,6 +27,7 @@ __all__ = [
     "pq_sums",
     "pqi",
     "pqi_from_sums",
+    "pqi_of_checkpoint",
     "pqi_upper_bound",
     "sap_prune_counts",
 ]
