@@ -1,0 +1,577 @@
+// CPU kernels for exact magnitude selection and pruning (DESIGN.md §3, §5).
+//
+// A weight's key k(w) is the float32 bit pattern of |w| (key_bits 32) or the
+// 16-bit magnitude bits of a bfloat16/float16 weight (key_bits 16); keys order
+// exactly like magnitudes. With m_i the mask (True = retained):
+//
+//   magnitude_histogram  H[u][d] = #{i in u : m_i, digit(k_i) = d}, digit =
+//                        k >> 16 (pass 0, 32-bit keys), k (pass 0, 16-bit
+//                        keys) or k & 0xffff over keys with k >> 16 = prefix[u]
+//                        (pass 1).
+//   rowwise_kth_key      per row r: t = ks[r]-th smallest retained key and
+//                        #{i in r : m_i, k_i < t}.
+//   prune_masks          m'_i = m_i and not (k_i < t_u or (k_i = t_u and
+//                        rank_i < e_u)), rank_i = #{j < i in u : m_j, k_j = t_u}
+//                        in flat order (tensor order, then row-major).
+//   apply_masks_         w_i = m_i ? w_i : 0.
+//
+// Every kernel walks the chunk table of masked_power_sums (at::parallel_for
+// over chunks of ~64K elements made of whole segments). Histograms hold
+// integer counts, so merging per-thread tables with relaxed atomic adds is
+// exact whatever the thread count or order; extra memory is one 65,536-bin
+// table per thread plus a few words per segment.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../shards.h"
+#include "magnitudes.h"
+
+namespace sap_kernels::cpu {
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 16;
+constexpr int64_t kBins = 65536;
+// A segment this short whose unit differs from the thread's table adds to the
+// output directly, so 1,000 tiny tensors do not cost 1,000 table flushes.
+constexpr int64_t kSmallSegment = 4096;
+// Rows longer than this are selected by histogram (bounded memory) instead
+// of std::nth_element on a copy of the row.
+constexpr int64_t kLongRow = int64_t(1) << 16;
+
+template <int V>
+using IntC = std::integral_constant<int, V>;
+
+template <int Type, int KeyBits>
+SAP_INLINE uint32_t key_at(const void* data, int64_t i) {
+  if constexpr (Type == kFloat32) {
+    return magnitude_bits_f32(static_cast<const uint32_t*>(data)[i]);
+  } else {
+    const uint16_t b = static_cast<const uint16_t*>(data)[i];
+    if constexpr (KeyBits == 16) return magnitude_key16(b);
+    if constexpr (Type == kBFloat16) return magnitude_bits_bf16(b);
+    return magnitude_bits_f16(b);
+  }
+}
+
+// Smallest key that denotes NaN or infinity.
+template <int Type, int KeyBits>
+constexpr uint32_t nonfinite_key() {
+  if constexpr (KeyBits == 32) return kFloat32InfBits;
+  return Type == kBFloat16 ? 0x7f80u : 0x7c00u;
+}
+
+// Calls f(IntC<type>, IntC<key_bits>, bool_constant<masked>) for the shard.
+template <class F>
+SAP_INLINE void with_key_type(const Shard& shard, int64_t key_bits, F&& f) {
+  auto go = [&](auto type, auto bits) {
+    if (shard.mask != nullptr) {
+      f(type, bits, std::true_type{});
+    } else {
+      f(type, bits, std::false_type{});
+    }
+  };
+  if (shard.type == kFloat32) return go(IntC<kFloat32>{}, IntC<32>{});
+  if (shard.type == kBFloat16) {
+    return key_bits == 16 ? go(IntC<kBFloat16>{}, IntC<16>{}) : go(IntC<kBFloat16>{}, IntC<32>{});
+  }
+  return key_bits == 16 ? go(IntC<kFloat16>{}, IntC<16>{}) : go(IntC<kFloat16>{}, IntC<32>{});
+}
+
+ShardTable checked_table(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& masks,
+                         int64_t scope, int64_t key_bits, const char* op) {
+  ShardTable table = make_shard_table(weights, masks, scope, op);
+  TORCH_CHECK_VALUE(weights[0].device().is_cpu(), op, ": expected CPU tensors, got ",
+                    weights[0].device());
+  TORCH_CHECK_VALUE(key_bits == 16 || key_bits == 32, op, ": key_bits must be 16 or 32, got ",
+                    key_bits);
+  for (size_t i = 0; key_bits == 16 && i < table.shards.size(); ++i) {
+    TORCH_CHECK_VALUE(table.shards[i].type != kFloat32 && table.shards[i].type == table.shards[0].type,
+                      op, ": key_bits=16 needs every weight to be bfloat16 or every weight ",
+                      "float16, but weights[", i, "] is ", weights[i].scalar_type(),
+                      " and weights[0] is ", weights[0].scalar_type());
+  }
+  return table;
+}
+
+// A 1-d int64 CPU tensor with one entry per unit.
+at::Tensor per_unit_values(const at::Tensor& values, int64_t units, const char* op,
+                           const char* name) {
+  TORCH_CHECK_VALUE(values.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
+                    values.device());
+  TORCH_CHECK_TYPE(!values.is_floating_point() && !values.is_complex() &&
+                       values.scalar_type() != at::kBool,
+                   op, ": ", name, " must hold integers, got ", values.scalar_type());
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == units, op, ": ", name,
+                    " must have shape [", units, "] (one entry per unit), got ", values.sizes());
+  return values.to(at::kLong).contiguous();
+}
+
+// --- magnitude_histogram ---------------------------------------------------
+
+struct LocalBins {
+  SAP_INLINE void add(uint32_t digit, uint32_t n) { bins[digit] += n; }
+  uint32_t* bins;
+};
+struct AtomicBins {
+  SAP_INLINE void add(uint32_t digit, uint32_t n) {
+    if (n != 0) __atomic_fetch_add(bins + digit, int64_t(n), __ATOMIC_RELAXED);
+  }
+  int64_t* bins;
+};
+
+template <int Type, int KeyBits, bool Masked, int Pass, class Bins>
+void histogram_range(const Shard& shard, int64_t begin, int64_t length, uint32_t prefix,
+                     Bins bins) {
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
+    if constexpr (Pass == 0) {
+      bins.add(KeyBits == 32 ? key >> 16 : key, keep);
+    } else if ((key >> 16) == prefix) {
+      bins.add(key & 0xffffu, keep);
+    }
+  }
+}
+
+template <class Bins>
+void histogram_segment(const Shard& shard, const Segment& seg, int64_t key_bits, int64_t pass,
+                       uint32_t prefix, Bins bins) {
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+    constexpr int T = decltype(type)::value, B = decltype(bits)::value;
+    constexpr bool M = decltype(masked)::value;
+    if (pass == 0) {
+      histogram_range<T, B, M, 0>(shard, seg.begin, seg.length, prefix, bins);
+    } else {
+      histogram_range<T, B, M, 1>(shard, seg.begin, seg.length, prefix, bins);
+    }
+  });
+}
+
+// One thread's table for one unit at a time; flushed into the output row of
+// that unit when the unit changes, before a bin could overflow, and at the end.
+struct ThreadHistogram {
+  std::vector<uint32_t> bins = std::vector<uint32_t>(kBins, 0);
+  int64_t unit = -1;
+  int64_t added = 0;
+
+  void flush(int64_t* out) {
+    if (added == 0) return;
+    int64_t* row = out + unit * kBins;
+    for (int64_t d = 0; d < kBins; ++d) {
+      if (bins[d] != 0) {
+        __atomic_fetch_add(row + d, int64_t(bins[d]), __ATOMIC_RELAXED);
+        bins[d] = 0;
+      }
+    }
+    added = 0;
+  }
+};
+
+at::Tensor magnitude_histogram_cpu(at::TensorList weights,
+                                   const c10::List<std::optional<at::Tensor>>& masks,
+                                   int64_t scope, int64_t key_bits, const at::Tensor& prefixes,
+                                   int64_t pass_index) {
+  constexpr const char* op = "magnitude_histogram";
+  TORCH_CHECK_VALUE(scope == kGlobal || scope == kLayer, op,
+                    ": scope must be 0 (global) or 1 (layer), got ", scope);
+  TORCH_CHECK_VALUE(pass_index == 0 || pass_index == 1, op, ": pass_index must be 0 or 1, got ",
+                    pass_index);
+  const ShardTable table = checked_table(weights, masks, scope, key_bits, op);
+  const at::Tensor prefix_values = per_unit_values(prefixes, table.num_units, op, "prefixes");
+  const int64_t* prefix_data = prefix_values.data_ptr<int64_t>();
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(table, scope, kChunk, segments, chunk_starts);
+
+  at::Tensor out = at::zeros({table.num_units, kBins}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out_data = out.data_ptr<int64_t>();
+  at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
+    ThreadHistogram local;
+    for (int64_t s = chunk_starts[first]; s < chunk_starts[last]; ++s) {
+      const Segment& seg = segments[s];
+      const Shard& shard = table.shards[seg.shard];
+      const int64_t unit = shard.first_unit;
+      // A prefix outside 0..65535 matches no key (pass 1 of an empty unit).
+      const int64_t prefix = prefix_data[unit];
+      if (pass_index == 1 && (prefix < 0 || prefix >= kBins)) continue;
+      if (unit != local.unit && seg.length < kSmallSegment) {
+        histogram_segment(shard, seg, key_bits, pass_index, uint32_t(prefix),
+                          AtomicBins{out_data + unit * kBins});
+        continue;
+      }
+      if (unit != local.unit || local.added + seg.length > std::numeric_limits<uint32_t>::max()) {
+        local.flush(out_data);
+        local.unit = unit;
+      }
+      histogram_segment(shard, seg, key_bits, pass_index, uint32_t(prefix),
+                        LocalBins{local.bins.data()});
+      local.added += seg.length;
+    }
+    local.flush(out_data);
+  });
+  return out;
+}
+
+// --- rowwise_kth_key ---------------------------------------------------------
+
+enum RowStatus : int32_t { kRowOk = 0, kRowNonfinite = 1, kRowBadK = 2 };
+
+struct RowResult {
+  int32_t status = kRowOk;
+  int64_t key = -1, below = 0, retained = 0;
+};
+
+// The first digit d whose cumulative count reaches target (1-based), and the
+// count of keys in bins below d.
+uint32_t find_digit(const uint32_t* bins, int64_t target, int64_t& below) {
+  int64_t cumulative = 0;
+  for (uint32_t d = 0; d < kBins; ++d) {
+    if (cumulative + bins[d] >= target) {
+      below = cumulative;
+      return d;
+    }
+    cumulative += bins[d];
+  }
+  below = cumulative;
+  return kBins - 1;
+}
+
+// Short rows: the retained keys go into a thread-local buffer and
+// std::nth_element places the k-th; the keys before it are <= it.
+template <int Type, int KeyBits, bool Masked>
+RowResult row_kth_by_partition(const Shard& shard, int64_t begin, int64_t length, int64_t k,
+                               std::vector<uint32_t>& buffer) {
+  RowResult result;
+  buffer.resize(length);
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  int64_t n = 0;
+  uint32_t max_key = 0;
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    const bool keep = Masked ? mask[i] : true;
+    buffer[n] = key;
+    n += keep;
+    max_key = keep && key > max_key ? key : max_key;
+  }
+  result.retained = n;
+  if (n > 0 && max_key >= nonfinite_key<Type, KeyBits>()) result.status = kRowNonfinite;
+  if (k < 0 || k > n) result.status = result.status ? result.status : kRowBadK;
+  if (result.status != kRowOk || k == 0) return result;
+  std::nth_element(buffer.begin(), buffer.begin() + (k - 1), buffer.begin() + n);
+  const uint32_t kth = buffer[k - 1];
+  result.key = kth;
+  result.below = std::count_if(buffer.begin(), buffer.begin() + (k - 1),
+                               [kth](uint32_t key) { return key < kth; });
+  return result;
+}
+
+// Long rows: radix select with one or two 65,536-bin passes over the row.
+template <int Type, int KeyBits, bool Masked>
+RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int64_t length, int64_t k,
+                               std::vector<uint32_t>& bins) {
+  RowResult result;
+  bins.assign(kBins, 0);
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  uint32_t max_key = 0;
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
+    bins[KeyBits == 32 ? key >> 16 : key] += keep;
+    result.retained += keep;
+    max_key = keep && key > max_key ? key : max_key;
+  }
+  if (result.retained > 0 && max_key >= nonfinite_key<Type, KeyBits>()) {
+    result.status = kRowNonfinite;
+  }
+  if (k < 0 || k > result.retained) result.status = result.status ? result.status : kRowBadK;
+  if (result.status != kRowOk || k == 0) return result;
+  uint32_t digit = find_digit(bins.data(), k, result.below);
+  if constexpr (KeyBits == 32) {
+    std::fill(bins.begin(), bins.end(), 0u);
+    histogram_range<Type, KeyBits, Masked, 1>(shard, begin, length, digit, LocalBins{bins.data()});
+    int64_t below_low = 0;
+    const uint32_t low = find_digit(bins.data(), k - result.below, below_low);
+    result.below += below_low;
+    digit = (digit << 16) | low;
+  }
+  result.key = digit;
+  return result;
+}
+
+struct RowError {
+  int32_t status = kRowOk;
+  int64_t row = 0, shard = 0, k = 0, retained = 0;
+};
+
+at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
+                               const c10::List<std::optional<at::Tensor>>& masks, int64_t key_bits,
+                               const at::Tensor& ks) {
+  constexpr const char* op = "rowwise_kth_key";
+  const ShardTable table = checked_table(weights, masks, kNeuron, key_bits, op);
+  const at::Tensor k_values = per_unit_values(ks, table.num_units, op, "ks");
+  const int64_t* k_data = k_values.data_ptr<int64_t>();
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(table, kNeuron, kChunk, segments, chunk_starts);
+
+  at::Tensor out = at::empty({table.num_units, 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out_data = out.data_ptr<int64_t>();
+  std::vector<RowError> errors(chunk_starts.size() - 1);
+  at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
+    std::vector<uint32_t> buffer;
+    for (int64_t c = first; c < last; ++c) {
+      for (int64_t s = chunk_starts[c]; s < chunk_starts[c + 1]; ++s) {
+        const Segment& seg = segments[s];
+        const Shard& shard = table.shards[seg.shard];
+        const int64_t length = shard.row_length;
+        for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
+          const int64_t row = shard.first_unit + begin / length;
+          RowResult result;
+          with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+            constexpr int T = decltype(type)::value, B = decltype(bits)::value;
+            constexpr bool M = decltype(masked)::value;
+            result = length > kLongRow
+                         ? row_kth_by_histogram<T, B, M>(shard, begin, length, k_data[row], buffer)
+                         : row_kth_by_partition<T, B, M>(shard, begin, length, k_data[row], buffer);
+          });
+          out_data[2 * row] = result.key;
+          out_data[2 * row + 1] = result.below;
+          if (result.status != kRowOk && errors[c].status == kRowOk) {
+            errors[c] = RowError{result.status, row, seg.shard, k_data[row], result.retained};
+          }
+        }
+      }
+    }
+  });
+  for (const RowError& e : errors) {
+    TORCH_CHECK_VALUE(e.status != kRowNonfinite, op, ": weights[", e.shard,
+                      "] contains NaN or infinity among its retained weights (row ", e.row,
+                      " of all rows)");
+    TORCH_CHECK_VALUE(e.status != kRowBadK, op, ": ks[", e.row, "] = ", e.k,
+                      " is out of range: that row (in weights[", e.shard, "]) has ", e.retained,
+                      " retained weights (allowed: 0..", e.retained, ")");
+  }
+  return out;
+}
+
+// --- prune_masks -------------------------------------------------------------
+
+// out_i = m_i and k_i >= threshold over a range; returns #{i : m_i, k_i = threshold}.
+template <int Type, int KeyBits, bool Masked>
+SAP_INLINE int64_t write_kept(const Shard& shard, int64_t begin, int64_t length, uint32_t threshold,
+                              bool* out) {
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  int64_t equal = 0;
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    const bool keep = Masked ? mask[i] : true;
+    out[i] = keep & (key >= threshold);
+    equal += keep & (key == threshold);
+  }
+  return equal;
+}
+
+// Compiled once per instruction set (the loop vectorises).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+int64_t write_kept_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+                         uint32_t threshold, bool* out) {
+  int64_t equal = 0;
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+    equal = write_kept<decltype(type)::value, decltype(bits)::value, decltype(masked)::value>(
+        shard, begin, length, threshold, out);
+  });
+  return equal;
+}
+
+// Clears out_i for the first `count` retained keys equal to threshold.
+void remove_first_equal(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+                        uint32_t threshold, int64_t count, bool* out) {
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+    constexpr int T = decltype(type)::value, B = decltype(bits)::value;
+    const bool* mask = decltype(masked)::value ? shard.mask + begin : nullptr;
+    for (int64_t i = 0; i < length && count > 0; ++i) {
+      const bool keep = decltype(masked)::value ? mask[i] : true;
+      if (keep && key_at<T, B>(shard.data, begin + i) == threshold) {
+        out[i] = false;
+        --count;
+      }
+    }
+  });
+}
+
+// New mask for a range given the unit's threshold; returns the retained keys
+// equal to it (0 where threshold < 0, which removes nothing).
+int64_t prune_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+                    int64_t threshold, bool* out) {
+  if (threshold >= 0) return write_kept_range(shard, key_bits, begin, length, threshold, out);
+  if (shard.mask != nullptr) {
+    std::copy(shard.mask + begin, shard.mask + begin + length, out);
+  } else {
+    std::fill(out, out + length, true);
+  }
+  return 0;
+}
+
+std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
+                                        const c10::List<std::optional<at::Tensor>>& masks,
+                                        int64_t scope, int64_t key_bits,
+                                        const at::Tensor& threshold_keys,
+                                        const at::Tensor& remove_equal) {
+  constexpr const char* op = "prune_masks";
+  const ShardTable table = checked_table(weights, masks, scope, key_bits, op);
+  const at::Tensor thresholds = per_unit_values(threshold_keys, table.num_units, op,
+                                                "threshold_keys");
+  const at::Tensor removals = per_unit_values(remove_equal, table.num_units, op, "remove_equal");
+  const int64_t* threshold_data = thresholds.data_ptr<int64_t>();
+  const int64_t* remove_data = removals.data_ptr<int64_t>();
+  for (int64_t u = 0; u < table.num_units; ++u) {
+    TORCH_CHECK_VALUE(threshold_data[u] <= int64_t(std::numeric_limits<uint32_t>::max()), op,
+                      ": threshold_keys[", u, "] = ", threshold_data[u], " is not a valid key");
+    TORCH_CHECK_VALUE(remove_data[u] >= 0, op, ": remove_equal[", u, "] = ", remove_data[u],
+                      " is negative");
+  }
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(table, scope, kChunk, segments, chunk_starts);
+  std::vector<at::Tensor> outs;
+  std::vector<bool*> out_data;
+  for (const at::Tensor& w : weights) {
+    outs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
+    out_data.push_back(outs.back().data_ptr<bool>());
+  }
+
+  // Neuron scope: a row lies in one segment, so its owner ranks the ties.
+  // Other scopes: count ties per segment in the mask pass, then scan.
+  std::vector<int64_t> equal(segments.size(), 0);
+  std::vector<int64_t> short_row(chunk_starts.size() - 1, -1);
+  at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      for (int64_t s = chunk_starts[c]; s < chunk_starts[c + 1]; ++s) {
+        const Segment& seg = segments[s];
+        const Shard& shard = table.shards[seg.shard];
+        bool* out = out_data[seg.shard];
+        if (scope != kNeuron) {
+          const int64_t threshold = threshold_data[shard.first_unit];
+          equal[s] = prune_range(shard, key_bits, seg.begin, seg.length, threshold,
+                                 out + seg.begin);
+          continue;
+        }
+        const int64_t length = shard.row_length;
+        for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
+          const int64_t row = shard.first_unit + begin / length;
+          const int64_t ties =
+              prune_range(shard, key_bits, begin, length, threshold_data[row], out + begin);
+          const int64_t remove = threshold_data[row] >= 0 ? remove_data[row] : 0;
+          if (remove > ties && short_row[c] < 0) short_row[c] = row;
+          if (remove > 0) {
+            remove_first_equal(shard, key_bits, begin, length, uint32_t(threshold_data[row]),
+                               std::min(remove, ties), out + begin);
+          }
+        }
+      }
+    }
+  });
+  for (const int64_t row : short_row) {
+    TORCH_CHECK_VALUE(row < 0, op, ": remove_equal[", row, "] = ", remove_data[row],
+                      " exceeds the retained weights of that row equal to its threshold");
+  }
+  if (scope == kNeuron) return outs;
+
+  // Exclusive scan of the tie counts per unit in flat (segment) order; the
+  // segments holding one of the first remove_equal[u] ties get a fix-up.
+  std::vector<int64_t> seen(table.num_units, 0);
+  std::vector<std::pair<int64_t, int64_t>> fixups;  // (segment, ties to clear)
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const int64_t unit = table.shards[segments[s].shard].first_unit;
+    const int64_t remove = threshold_data[unit] >= 0 ? remove_data[unit] : 0;
+    const int64_t take = std::min(equal[s], std::max<int64_t>(0, remove - seen[unit]));
+    if (take > 0) fixups.emplace_back(s, take);
+    seen[unit] += equal[s];
+  }
+  for (int64_t u = 0; u < table.num_units; ++u) {
+    const int64_t remove = threshold_data[u] >= 0 ? remove_data[u] : 0;
+    TORCH_CHECK_VALUE(remove <= seen[u], op, ": remove_equal[", u, "] = ", remove,
+                      " exceeds the ", seen[u], " retained weights equal to threshold_keys[", u,
+                      "]");
+  }
+  at::parallel_for(0, int64_t(fixups.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t f = first; f < last; ++f) {
+      const Segment& seg = segments[fixups[f].first];
+      const Shard& shard = table.shards[seg.shard];
+      remove_first_equal(shard, key_bits, seg.begin, seg.length,
+                         uint32_t(threshold_data[shard.first_unit]), fixups[f].second,
+                         out_data[seg.shard] + seg.begin);
+    }
+  });
+  return outs;
+}
+
+// --- apply_masks_ ------------------------------------------------------------
+
+// w_i = m_i ? w_i : 0 on the raw bits (so NaN * 0 cannot survive); blocks whose
+// mask is all True are read but not written.
+template <class Bits>
+SAP_INLINE void zero_pruned(Bits* data, const bool* mask, int64_t length) {
+  constexpr int64_t kBlock = 256;
+  for (int64_t begin = 0; begin < length; begin += kBlock) {
+    const int64_t n = std::min(kBlock, length - begin);
+    bool all_kept = true;
+    for (int64_t i = 0; i < n; ++i) all_kept &= mask[begin + i];
+    if (all_kept) continue;
+    for (int64_t i = 0; i < n; ++i) data[begin + i] = mask[begin + i] ? data[begin + i] : Bits(0);
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void zero_pruned_range(const Shard& shard, int64_t begin, int64_t length) {
+  void* data = const_cast<void*>(shard.data);
+  if (shard.type == kFloat32) {
+    zero_pruned(static_cast<uint32_t*>(data) + begin, shard.mask + begin, length);
+  } else {
+    zero_pruned(static_cast<uint16_t*>(data) + begin, shard.mask + begin, length);
+  }
+}
+
+void apply_masks_cpu(at::TensorList weights, at::TensorList masks) {
+  constexpr const char* op = "apply_masks_";
+  TORCH_CHECK_VALUE(masks.size() == weights.size(), op, ": got ", masks.size(), " masks for ",
+                    weights.size(), " weights");
+  // Non-contiguous weights are updated through a contiguous copy, copied back.
+  std::vector<at::Tensor> contiguous;
+  c10::List<std::optional<at::Tensor>> mask_list;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    contiguous.push_back(weights[i].is_contiguous() ? weights[i] : weights[i].contiguous());
+    mask_list.push_back(masks[i]);
+  }
+  const ShardTable table = make_shard_table(contiguous, mask_list, kGlobal, op);
+  TORCH_CHECK_VALUE(weights[0].device().is_cpu(), op, ": expected CPU tensors, got ",
+                    weights[0].device());
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(table, kGlobal, kChunk, segments, chunk_starts);
+  at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
+    for (int64_t s = chunk_starts[first]; s < chunk_starts[last]; ++s) {
+      zero_pruned_range(table.shards[segments[s].shard], segments[s].begin, segments[s].length);
+    }
+  });
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (!weights[i].is_contiguous()) weights[i].copy_(contiguous[i]);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) {
+  m.impl("magnitude_histogram", &magnitude_histogram_cpu);
+  m.impl("rowwise_kth_key", &rowwise_kth_key_cpu);
+  m.impl("prune_masks", &prune_masks_cpu);
+  m.impl("apply_masks_", &apply_masks_cpu);
+}
+
+}  // namespace sap_kernels::cpu
