@@ -116,6 +116,29 @@ def _select_radix(
     return keys, below
 
 
+def _retained_per_unit(tensors, masks, scope: str) -> torch.Tensor:
+    """Retained weights per unit, int64 on the CPU."""
+    per_row = [
+        (torch.ones_like(w, dtype=torch.bool) if m is None else m)
+        .reshape(1 if w.dim() == 0 else w.shape[0], -1)
+        .sum(1)
+        .cpu()
+        for w, m in zip(tensors, masks)
+    ]
+    if scope == "neuron":
+        return torch.cat(per_row)
+    per_tensor = torch.stack([r.sum() for r in per_row])
+    return per_tensor.sum().reshape(1) if scope == "global" else per_tensor
+
+
+def _unit_labels(weights, scope: str):
+    if scope == "global":
+        return lambda u: "the retained weights"
+    if scope == "layer":
+        return weights.label
+    return lambda u: f"row {u}"
+
+
 def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero):
     """(keys, below) per unit: the key of the ks[u]-th smallest retained |w| and the
     number of retained keys below it."""
@@ -126,16 +149,8 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero):
         if group is not None:
             raise NotImplementedError("group= is not supported with scope='neuron'")
         if not _compiling():
-            retained = torch.cat(
-                [
-                    (torch.ones_like(w, dtype=torch.bool) if m is None else m)
-                    .reshape(1 if w.dim() == 0 else w.shape[0], -1)
-                    .sum(1)
-                    .cpu()
-                    for w, m in zip(tensors, masks)
-                ]
-            )
-            _check_counts(ks, retained, argument, allow_zero, lambda u: f"row {u}")
+            retained = _retained_per_unit(tensors, masks, scope)
+            _check_counts(ks, retained, argument, allow_zero, _unit_labels(weights, scope))
         result = ops.rowwise_kth_key(backend, tensors, masks, key_bits, ks.to(tensors[0].device))
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
@@ -200,6 +215,8 @@ def magnitude_threshold(
         from .reference import magnitude_threshold_by_concatenation
 
         _check_finite_reference(weights, mask_list)
+        retained = _retained_per_unit(weights.tensors, mask_list, scope)
+        _check_counts(ks, retained, "k", False, _unit_labels(weights, scope))
         values = magnitude_threshold_by_concatenation(weights.tensors, ks, mask_list, scope).to(
             _result_dtype(weights.tensors)
         )

@@ -125,23 +125,37 @@ struct AtomicBins {
 };
 
 template <int Type, int KeyBits, bool Masked, int Pass, class Bins>
-void histogram_range(const Shard& shard, int64_t begin, int64_t length, uint32_t prefix,
-                     Bins bins) {
+SAP_INLINE void histogram_range(const Shard& shard, int64_t begin, int64_t length, uint32_t prefix,
+                                Bins bins) {
   const bool* mask = Masked ? shard.mask + begin : nullptr;
-  for (int64_t i = 0; i < length; ++i) {
-    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-    const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
-    if constexpr (Pass == 0) {
-      bins.add(KeyBits == 32 ? key >> 16 : key, keep);
-    } else if ((key >> 16) == prefix) {
-      bins.add(key & 0xffffu, keep);
+  if constexpr (Pass == 0) {
+    for (int64_t i = 0; i < length; ++i) {
+      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+      bins.add(KeyBits == 32 ? key >> 16 : key, Masked ? uint32_t(mask[i]) : 1u);
+    }
+    return;
+  }
+  // Pass 1: few keys share the prefix, so blocks are first tested with a
+  // vectorised count and skipped when none does.
+  constexpr int64_t kBlock = 64;
+  for (int64_t block = 0; block < length; block += kBlock) {
+    const int64_t n = std::min(kBlock, length - block);
+    uint32_t matches = 0;
+    for (int64_t i = block; i < block + n; ++i) {
+      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+      matches += uint32_t((key >> 16) == prefix) & (Masked ? uint32_t(mask[i]) : 1u);
+    }
+    if (matches == 0) continue;
+    for (int64_t i = block; i < block + n; ++i) {
+      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+      if ((key >> 16) == prefix) bins.add(key & 0xffffu, Masked ? uint32_t(mask[i]) : 1u);
     }
   }
 }
 
 template <class Bins>
-void histogram_segment(const Shard& shard, const Segment& seg, int64_t key_bits, int64_t pass,
-                       uint32_t prefix, Bins bins) {
+SAP_INLINE void histogram_segment(const Shard& shard, const Segment& seg, int64_t key_bits,
+                                  int64_t pass, uint32_t prefix, Bins bins) {
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
     constexpr bool M = decltype(masked)::value;
@@ -151,6 +165,18 @@ void histogram_segment(const Shard& shard, const Segment& seg, int64_t key_bits,
       histogram_range<T, B, M, 1>(shard, seg.begin, seg.length, prefix, bins);
     }
   });
+}
+
+// Compiled once per instruction set (pass 1's block test vectorises).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void histogram_segment_local(const Shard& shard, const Segment& seg, int64_t key_bits,
+                             int64_t pass, uint32_t prefix, uint32_t* bins) {
+  histogram_segment(shard, seg, key_bits, pass, prefix, LocalBins{bins});
+}
+
+void histogram_segment_atomic(const Shard& shard, const Segment& seg, int64_t key_bits,
+                              int64_t pass, uint32_t prefix, int64_t* bins) {
+  histogram_segment(shard, seg, key_bits, pass, prefix, AtomicBins{bins});
 }
 
 // One thread's table for one unit at a time; flushed into the output row of
@@ -201,16 +227,16 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights,
       const int64_t prefix = prefix_data[unit];
       if (pass_index == 1 && (prefix < 0 || prefix >= kBins)) continue;
       if (unit != local.unit && seg.length < kSmallSegment) {
-        histogram_segment(shard, seg, key_bits, pass_index, uint32_t(prefix),
-                          AtomicBins{out_data + unit * kBins});
+        histogram_segment_atomic(shard, seg, key_bits, pass_index, uint32_t(prefix),
+                                 out_data + unit * kBins);
         continue;
       }
       if (unit != local.unit || local.added + seg.length > std::numeric_limits<uint32_t>::max()) {
         local.flush(out_data);
         local.unit = unit;
       }
-      histogram_segment(shard, seg, key_bits, pass_index, uint32_t(prefix),
-                        LocalBins{local.bins.data()});
+      histogram_segment_local(shard, seg, key_bits, pass_index, uint32_t(prefix),
+                              local.bins.data());
       local.added += seg.length;
     }
     local.flush(out_data);
