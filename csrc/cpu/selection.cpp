@@ -36,12 +36,21 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
 constexpr int64_t kBins = 65536;
+// Pass-0 digits of magnitudes (the high 16 bits of a float32 |w|, or a 16-bit
+// key) have no sign bit, so they are < 2^15: a thread's 65,536-bin table holds
+// two 32,768-bin copies there, filled by alternate elements, which halves the
+// store-to-load dependencies on popular bins (bfloat16 weights repeat a lot).
+constexpr uint32_t kHalfBins = 32768;
 // A segment this short whose unit differs from the thread's table adds to the
 // output directly, so 1,000 tiny tensors do not cost 1,000 table flushes.
 constexpr int64_t kSmallSegment = 4096;
 // Rows longer than this are selected by histogram (bounded memory) instead
 // of std::nth_element on a copy of the row.
 constexpr int64_t kLongRow = int64_t(1) << 16;
+
+// Lambdas in the kernels' dispatch are inlined so that their loops are
+// compiled inside the target_clones functions (for AVX2 / AVX-512).
+#define SAP_INLINE_LAMBDA __attribute__((always_inline))
 
 template <int V>
 using IntC = std::integral_constant<int, V>;
@@ -68,7 +77,7 @@ constexpr uint32_t nonfinite_key() {
 // Calls f(IntC<type>, IntC<key_bits>, bool_constant<masked>) for the shard.
 template <class F>
 SAP_INLINE void with_key_type(const Shard& shard, int64_t key_bits, F&& f) {
-  auto go = [&](auto type, auto bits) {
+  auto go = [&](auto type, auto bits) SAP_INLINE_LAMBDA {
     if (shard.mask != nullptr) {
       f(type, bits, std::true_type{});
     } else {
@@ -115,12 +124,14 @@ at::Tensor per_unit_values(const at::Tensor& values, int64_t units, const char* 
 
 struct LocalBins {
   SAP_INLINE void add(uint32_t digit, uint32_t n) { bins[digit] += n; }
+  SAP_INLINE void add_second_copy(uint32_t digit, uint32_t n) { bins[kHalfBins + digit] += n; }
   uint32_t* bins;
 };
 struct AtomicBins {
   SAP_INLINE void add(uint32_t digit, uint32_t n) {
     if (n != 0) __atomic_fetch_add(bins + digit, int64_t(n), __ATOMIC_RELAXED);
   }
+  SAP_INLINE void add_second_copy(uint32_t digit, uint32_t n) { add(digit, n); }
   int64_t* bins;
 };
 
@@ -129,10 +140,17 @@ SAP_INLINE void histogram_range(const Shard& shard, int64_t begin, int64_t lengt
                                 Bins bins) {
   const bool* mask = Masked ? shard.mask + begin : nullptr;
   if constexpr (Pass == 0) {
-    for (int64_t i = 0; i < length; ++i) {
+    auto digit = [&](int64_t i) SAP_INLINE_LAMBDA {
       const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-      bins.add(KeyBits == 32 ? key >> 16 : key, Masked ? uint32_t(mask[i]) : 1u);
+      return KeyBits == 32 ? key >> 16 : key;
+    };
+    auto keep = [&](int64_t i) SAP_INLINE_LAMBDA { return Masked ? uint32_t(mask[i]) : 1u; };
+    int64_t i = 0;
+    for (; i + 2 <= length; i += 2) {
+      bins.add(digit(i), keep(i));
+      bins.add_second_copy(digit(i + 1), keep(i + 1));
     }
+    if (i < length) bins.add(digit(i), keep(i));
     return;
   }
   // Pass 1: few keys share the prefix, so blocks are first tested with a
@@ -156,7 +174,7 @@ SAP_INLINE void histogram_range(const Shard& shard, int64_t begin, int64_t lengt
 template <class Bins>
 SAP_INLINE void histogram_segment(const Shard& shard, const Segment& seg, int64_t key_bits,
                                   int64_t pass, uint32_t prefix, Bins bins) {
-  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
     constexpr bool M = decltype(masked)::value;
     if (pass == 0) {
@@ -179,6 +197,14 @@ void histogram_segment_atomic(const Shard& shard, const Segment& seg, int64_t ke
   histogram_segment(shard, seg, key_bits, pass, prefix, AtomicBins{bins});
 }
 
+// Adds pass 0's second copy into the first and clears it.
+void fold_copies(uint32_t* bins) {
+  for (uint32_t d = 0; d < kHalfBins; ++d) {
+    bins[d] += bins[kHalfBins + d];
+    bins[kHalfBins + d] = 0;
+  }
+}
+
 // One thread's table for one unit at a time; flushed into the output row of
 // that unit when the unit changes, before a bin could overflow, and at the end.
 struct ThreadHistogram {
@@ -186,9 +212,10 @@ struct ThreadHistogram {
   int64_t unit = -1;
   int64_t added = 0;
 
-  void flush(int64_t* out) {
+  void flush(int64_t* out, int64_t pass) {
     if (added == 0) return;
     int64_t* row = out + unit * kBins;
+    if (pass == 0) fold_copies(bins.data());
     for (int64_t d = 0; d < kBins; ++d) {
       if (bins[d] != 0) {
         __atomic_fetch_add(row + d, int64_t(bins[d]), __ATOMIC_RELAXED);
@@ -232,14 +259,14 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights,
         continue;
       }
       if (unit != local.unit || local.added + seg.length > std::numeric_limits<uint32_t>::max()) {
-        local.flush(out_data);
+        local.flush(out_data, pass_index);
         local.unit = unit;
       }
       histogram_segment_local(shard, seg, key_bits, pass_index, uint32_t(prefix),
                               local.bins.data());
       local.added += seg.length;
     }
-    local.flush(out_data);
+    local.flush(out_data, pass_index);
   });
   return out;
 }
@@ -359,7 +386,7 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
         for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
           const int64_t row = shard.first_unit + begin / length;
           RowResult result;
-          with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+          with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
             constexpr int T = decltype(type)::value, B = decltype(bits)::value;
             constexpr bool M = decltype(masked)::value;
             result = length > kLongRow
@@ -408,7 +435,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 int64_t write_kept_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
                          uint32_t threshold, bool* out) {
   int64_t equal = 0;
-  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     equal = write_kept<decltype(type)::value, decltype(bits)::value, decltype(masked)::value>(
         shard, begin, length, threshold, out);
   });
@@ -418,7 +445,7 @@ int64_t write_kept_range(const Shard& shard, int64_t key_bits, int64_t begin, in
 // Clears out_i for the first `count` retained keys equal to threshold.
 void remove_first_equal(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
                         uint32_t threshold, int64_t count, bool* out) {
-  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) {
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
     const bool* mask = decltype(masked)::value ? shard.mask + begin : nullptr;
     for (int64_t i = 0; i < length && count > 0; ++i) {
@@ -550,7 +577,8 @@ SAP_INLINE void zero_pruned(Bits* data, const bool* mask, int64_t length) {
     bool all_kept = true;
     for (int64_t i = 0; i < n; ++i) all_kept &= mask[begin + i];
     if (all_kept) continue;
-    for (int64_t i = 0; i < n; ++i) data[begin + i] = mask[begin + i] ? data[begin + i] : Bits(0);
+    // An and with 0 or all ones: a conditional store would branch per weight.
+    for (int64_t i = 0; i < n; ++i) data[begin + i] &= Bits(0) - Bits(mask[begin + i]);
   }
 }
 
