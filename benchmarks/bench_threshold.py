@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
+import os
 import sys
 
 import torch
@@ -238,12 +238,16 @@ def main(argv=None) -> int:
         "--slow-repeats", type=int, default=3, help="timed runs for the concatenating baselines"
     )
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if not sap_kernels.has_extension():
         print("sap_kernels._C is not built: nothing to benchmark", file=sys.stderr)
         return 1
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f}")
     rows = []
     for name in args.dtypes.split(","):
         run_dtype(rows, getattr(torch, name), args.params, args.repeats, args.slow_repeats)
@@ -256,7 +260,12 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
+                {
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "load_average_start": load,
+                    "rows": rows,
+                },
                 f,
                 indent=1,
             )

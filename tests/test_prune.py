@@ -280,16 +280,20 @@ def test_apply_masks_op_rejects_bad_masks():
 
 @needs_extension
 def test_opcheck_prune_ops(generator):
-    weights = [random_weights((5, 7), torch.bfloat16, "ties", generator), torch.randn(4).bfloat16()]
-    masks = [random_mask((5, 7), 0.5, generator), None]
+    weights = [
+        random_weights((5, 7), torch.bfloat16, "ties", generator),
+        random_weights((4,), torch.bfloat16, "ties", generator),
+        random_weights((6, 3), torch.bfloat16, "ties", generator).t(),  # permuted strides
+    ]
+    masks = [random_mask((5, 7), 0.5, generator), None, random_mask((3, 6), 0.5, generator)]
     keys = reference.magnitude_keys(weights[0], 16).flatten()
-    for scope, units in ((0, 1), (1, 2), (2, 9)):
+    for scope, units in ((0, 1), (1, 3), (2, 12)):
         thresholds = torch.full((units,), int(keys.median()), dtype=torch.int64)
         torch.library.opcheck(
             ops.prune_masks,
             (weights, masks, scope, 16, thresholds, torch.zeros(units, dtype=torch.int64)),
         )
-    masks = [random_mask((5, 7), 0.5, generator), random_mask((4,), 0.5, generator)]
+    masks = [random_mask(tuple(w.shape), 0.5, generator) for w in weights]
     torch.library.opcheck(ops.apply_masks_, ([w.clone() for w in weights], masks))
 
 

@@ -23,6 +23,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -36,10 +38,11 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
 constexpr int64_t kBins = 65536;
-// Pass-0 digits of magnitudes (the high 16 bits of a float32 |w|, or a 16-bit
-// key) have no sign bit, so they are < 2^15: a thread's 65,536-bin table holds
-// two 32,768-bin copies there, filled by alternate elements, which halves the
-// store-to-load dependencies on popular bins (bfloat16 weights repeat a lot).
+// A thread fills two copies of its table from alternate elements, which halves
+// the store-to-load dependency chains on popular bins (bfloat16 weights repeat
+// a lot; exact zeros all land in one bin of pass 1). Pass-0 digits of
+// magnitudes have no sign bit, so they are < 2^15 and both copies fit in
+// 65,536 bins; pass 1 uses 2 x 65,536 (512 KiB, within L2).
 constexpr uint32_t kHalfBins = 32768;
 // A segment this short whose unit differs from the thread's table adds to the
 // output directly, so 1,000 tiny tensors do not cost 1,000 table flushes.
@@ -124,8 +127,9 @@ at::Tensor per_unit_values(const at::Tensor& values, int64_t units, const char* 
 
 struct LocalBins {
   SAP_INLINE void add(uint32_t digit, uint32_t n) { bins[digit] += n; }
-  SAP_INLINE void add_second_copy(uint32_t digit, uint32_t n) { bins[kHalfBins + digit] += n; }
+  SAP_INLINE void add_second_copy(uint32_t digit, uint32_t n) { bins[copy_stride + digit] += n; }
   uint32_t* bins;
+  uint32_t copy_stride;  // 0: a single table
 };
 struct AtomicBins {
   SAP_INLINE void add(uint32_t digit, uint32_t n) {
@@ -164,10 +168,21 @@ SAP_INLINE void histogram_range(const Shard& shard, int64_t begin, int64_t lengt
       matches += uint32_t((key >> 16) == prefix) & (Masked ? uint32_t(mask[i]) : 1u);
     }
     if (matches == 0) continue;
-    for (int64_t i = block; i < block + n; ++i) {
+    // Branch-free: a key outside the prefix adds 0 to the bin of its low bits
+    // (matches can be as unpredictable as a coin toss, e.g. exact zeros).
+    auto count = [&](int64_t i) SAP_INLINE_LAMBDA {
       const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-      if ((key >> 16) == prefix) bins.add(key & 0xffffu, Masked ? uint32_t(mask[i]) : 1u);
+      return uint32_t((key >> 16) == prefix) & (Masked ? uint32_t(mask[i]) : 1u);
+    };
+    auto low = [&](int64_t i) SAP_INLINE_LAMBDA {
+      return key_at<Type, KeyBits>(shard.data, begin + i) & 0xffffu;
+    };
+    int64_t i = block;
+    for (; i + 2 <= block + n; i += 2) {
+      bins.add(low(i), count(i));
+      bins.add_second_copy(low(i + 1), count(i + 1));
     }
+    if (i < block + n) bins.add(low(i), count(i));
   }
 }
 
@@ -189,7 +204,8 @@ SAP_INLINE void histogram_segment(const Shard& shard, const Segment& seg, int64_
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void histogram_segment_local(const Shard& shard, const Segment& seg, int64_t key_bits,
                              int64_t pass, uint32_t prefix, uint32_t* bins) {
-  histogram_segment(shard, seg, key_bits, pass, prefix, LocalBins{bins});
+  const uint32_t copy_stride = pass == 0 ? kHalfBins : uint32_t(kBins);
+  histogram_segment(shard, seg, key_bits, pass, prefix, LocalBins{bins, copy_stride});
 }
 
 void histogram_segment_atomic(const Shard& shard, const Segment& seg, int64_t key_bits,
@@ -197,25 +213,25 @@ void histogram_segment_atomic(const Shard& shard, const Segment& seg, int64_t ke
   histogram_segment(shard, seg, key_bits, pass, prefix, AtomicBins{bins});
 }
 
-// Adds pass 0's second copy into the first and clears it.
-void fold_copies(uint32_t* bins) {
-  for (uint32_t d = 0; d < kHalfBins; ++d) {
-    bins[d] += bins[kHalfBins + d];
-    bins[kHalfBins + d] = 0;
+// Adds the second copy of a table into the first and clears it.
+void fold_copies(uint32_t* bins, uint32_t copy_stride) {
+  for (uint32_t d = 0; d < copy_stride; ++d) {
+    bins[d] += bins[copy_stride + d];
+    bins[copy_stride + d] = 0;
   }
 }
 
 // One thread's table for one unit at a time; flushed into the output row of
 // that unit when the unit changes, before a bin could overflow, and at the end.
 struct ThreadHistogram {
-  std::vector<uint32_t> bins = std::vector<uint32_t>(kBins, 0);
+  std::vector<uint32_t> bins = std::vector<uint32_t>(2 * kBins, 0);
   int64_t unit = -1;
   int64_t added = 0;
 
   void flush(int64_t* out, int64_t pass) {
     if (added == 0) return;
     int64_t* row = out + unit * kBins;
-    if (pass == 0) fold_copies(bins.data());
+    fold_copies(bins.data(), pass == 0 ? kHalfBins : uint32_t(kBins));
     for (int64_t d = 0; d < kBins; ++d) {
       if (bins[d] != 0) {
         __atomic_fetch_add(row + d, int64_t(bins[d]), __ATOMIC_RELAXED);
@@ -347,7 +363,7 @@ RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int64_t length
   uint32_t digit = find_digit(bins.data(), k, result.below);
   if constexpr (KeyBits == 32) {
     std::fill(bins.begin(), bins.end(), 0u);
-    histogram_range<Type, KeyBits, Masked, 1>(shard, begin, length, digit, LocalBins{bins.data()});
+    histogram_range<Type, KeyBits, Masked, 1>(shard, begin, length, digit, LocalBins{bins.data(), 0});
     int64_t below_low = 0;
     const uint32_t low = find_digit(bins.data(), k - result.below, below_low);
     result.below += below_low;
@@ -471,6 +487,18 @@ int64_t prune_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t
   return 0;
 }
 
+// New masks are first touched by the kernel. Where transparent huge pages are
+// on request (the "madvise" mode), asking for them turns 512 page faults into
+// one: on a 1 GB model the faults of 4 KiB pages cost as much as the pass.
+void advise_huge_pages(void* data, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + uintptr_t(bytes)) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
 std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
                                         const c10::List<std::optional<at::Tensor>>& masks,
                                         int64_t scope, int64_t key_bits,
@@ -492,12 +520,22 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
   std::vector<Segment> segments;
   std::vector<int64_t> chunk_starts;
   make_segments(table, scope, kChunk, segments, chunk_starts);
+  // Masks are written in row-major order; a weight with permuted strides gets
+  // a mask with the same strides (as the fake, empty_like, promises) by a copy.
   std::vector<at::Tensor> outs;
   std::vector<bool*> out_data;
   for (const at::Tensor& w : weights) {
     outs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
     out_data.push_back(outs.back().data_ptr<bool>());
+    if (w.numel() >= (int64_t(4) << 20)) advise_huge_pages(out_data.back(), w.numel());
   }
+  auto with_weight_strides = [&]() {
+    for (size_t i = 0; i < outs.size(); ++i) {
+      at::Tensor like = at::empty_like(weights[i], weights[i].options().dtype(at::kBool));
+      if (!like.is_contiguous()) outs[i] = like.copy_(outs[i]);
+    }
+    return outs;
+  };
 
   // Neuron scope: a row lies in one segment, so its owner ranks the ties.
   // Other scopes: count ties per segment in the mask pass, then scan.
@@ -534,7 +572,7 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
     TORCH_CHECK_VALUE(row < 0, op, ": remove_equal[", row, "] = ", remove_data[row],
                       " exceeds the retained weights of that row equal to its threshold");
   }
-  if (scope == kNeuron) return outs;
+  if (scope == kNeuron) return with_weight_strides();
 
   // Exclusive scan of the tie counts per unit in flat (segment) order; the
   // segments holding one of the first remove_equal[u] ties get a fix-up.
@@ -562,7 +600,7 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
                          out_data[seg.shard] + seg.begin);
     }
   });
-  return outs;
+  return with_weight_strides();
 }
 
 // --- apply_masks_ ------------------------------------------------------------
