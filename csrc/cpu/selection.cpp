@@ -489,9 +489,15 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
     for (int64_t f = first; f < last; ++f) {
       const Segment& seg = segments[fixups[f].first];
       const Shard& shard = table.shards[seg.shard];
-      remove_first_equal(shard, key_bits, seg.begin, seg.length,
-                         uint32_t(threshold_data[shard.first_unit]), fixups[f].second,
-                         out_data[seg.shard] + seg.begin);
+      const uint32_t threshold = uint32_t(threshold_data[shard.first_unit]);
+      bool* out = out_data[seg.shard] + seg.begin;
+      if (fixups[f].second == equal[fixups[f].first] && threshold < 0xffffffffu) {
+        // Every tie of the segment goes: the vectorised pass with threshold + 1.
+        write_kept_range(shard, key_bits, seg.begin, seg.length, threshold + 1, out);
+      } else {
+        remove_first_equal(shard, key_bits, seg.begin, seg.length, threshold, fixups[f].second,
+                           out);
+      }
     }
   });
   return with_weight_strides();
@@ -502,25 +508,28 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
 // w_i = m_i ? w_i : 0 on the raw bits (so NaN * 0 cannot survive); blocks whose
 // mask is all True are read but not written.
 template <class Bits>
-SAP_INLINE void zero_pruned(Bits* data, const bool* mask, int64_t length) {
+SAP_INLINE void zero_pruned(Bits* __restrict data, const uint8_t* __restrict mask, int64_t length) {
   constexpr int64_t kBlock = 256;
   for (int64_t begin = 0; begin < length; begin += kBlock) {
     const int64_t n = std::min(kBlock, length - begin);
-    bool all_kept = true;
-    for (int64_t i = 0; i < n; ++i) all_kept &= mask[begin + i];
-    if (all_kept) continue;
+    Bits* __restrict block = data + begin;
+    const uint8_t* __restrict keep = mask + begin;
+    uint8_t pruned = 0;
+    for (int64_t i = 0; i < n; ++i) pruned |= keep[i] ^ 1;
+    if (pruned == 0) continue;
     // An and with 0 or all ones: a conditional store would branch per weight.
-    for (int64_t i = 0; i < n; ++i) data[begin + i] &= Bits(0) - Bits(mask[begin + i]);
+    for (int64_t i = 0; i < n; ++i) block[i] = Bits(block[i] & Bits(0u - Bits(keep[i])));
   }
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void zero_pruned_range(const Shard& shard, int64_t begin, int64_t length) {
   void* data = const_cast<void*>(shard.data);
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(shard.mask) + begin;  // bools are 0 or 1
   if (shard.type == kFloat32) {
-    zero_pruned(static_cast<uint32_t*>(data) + begin, shard.mask + begin, length);
+    zero_pruned(static_cast<uint32_t*>(data) + begin, mask, length);
   } else {
-    zero_pruned(static_cast<uint16_t*>(data) + begin, shard.mask + begin, length);
+    zero_pruned(static_cast<uint16_t*>(data) + begin, mask, length);
   }
 }
 

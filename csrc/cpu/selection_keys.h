@@ -96,7 +96,7 @@ SAP_INLINE void histogram_range(const Shard& shard, int64_t begin, int64_t lengt
   }
   // Pass 1: few keys share the prefix, so blocks are first tested with a
   // vectorised count and skipped when none does.
-  constexpr int64_t kBlock = 64;
+  constexpr int64_t kBlock = 16;
   for (int64_t block = 0; block < length; block += kBlock) {
     const int64_t n = std::min(kBlock, length - block);
     uint32_t matches = 0;
