@@ -16,7 +16,17 @@ torch.distributed collectives:
   on one rank raises on every rank instead of leaving the others waiting in
   a collective; see `RemoteRankError`.
 
-`last_exchange()` reports what this rank sent in the last call.
+`last_exchange()` reports what this rank sent in the last call. Per call and
+rank, in bytes (units: 1 for 'global', one per tensor for 'layer'):
+
+    pq_sums / pqi        80 + 24 * units
+    magnitude_threshold  80 + 524,288 * units * passes   (passes: 1 for 16-bit, 2 for float32)
+    prune                the threshold's bytes, + 8 * units when ties straddle
+                         the cut (+ 16 * tensors instead, with replicated tensors)
+
+Never the weights or masks. Calls are eager only (no torch.compile), and with
+group=None a rank that passes no DTensor takes the local path: pass group=
+explicitly so malformed input on one rank cannot leave the others waiting.
 
 Order of ties across ranks: the distributed flat order is rank order (group
 rank), then each rank's own flat order (tensor order, then row-major). The
@@ -47,30 +57,16 @@ import torch.distributed as dist
 from . import ops
 from ._inputs import (
     SCOPES,
-    Weights,
     check_exponents,
-    collect_masks,
-    collect_weights,
-    is_dtensor,
     num_units,
     scope_code,
 )
+from ._sharding import LocalShards, as_dtensors, infer_group, local_shards
 from .reference import key_bits_for, keys_to_values
 
 _LAYER = SCOPES["layer"]
 _TENSORS_PER_HISTOGRAM = 64
-_STATUS_FIELDS = (
-    "failed",
-    "has_replicas",
-    "num_tensors",
-    "scope",
-    "units",
-    "key_bits",
-    "dtype",
-    "p",
-    "q",
-    "k_checksum",
-)
+_STATUS_FIELDS = "failed has_replicas num_tensors scope units key_bits dtype p q k_checksum".split()
 # fields every rank must agree on (the first three are combined instead)
 _MATCHING_FIELDS = _STATUS_FIELDS[3:]
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
@@ -191,143 +187,6 @@ def _agree(group, operation: str, error: BaseException | None, fields: dict) -> 
 _CPU = torch.device("cpu")
 
 
-# --- local shards and DTensor layouts ------------------------------------------
-
-
-def _mesh_group(mesh):
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() == dist.get_world_size():
-        return dist.group.WORLD
-    return mesh._flatten().get_group()
-
-
-def _raw_list(tensors) -> list:
-    if isinstance(tensors, torch.nn.Module):
-        from ._inputs import parameters_to_prune
-
-        return [p for _, p in parameters_to_prune(tensors)]
-    if isinstance(tensors, (list, tuple)):
-        return list(tensors)
-    return []
-
-
-def infer_group(group, tensors):
-    """`group` if given, else the process group of the first DTensor's mesh, else None."""
-    if group is not None:
-        return group
-    for t in _raw_list(tensors):
-        if is_dtensor(t):
-            return _mesh_group(t.device_mesh)
-    return None
-
-
-@dataclass
-class LocalShards:
-    """This rank's view of the inputs.
-
-    weights/masks: every local shard (replicas included), pruned and returned.
-    counted/counted_masks: what this rank contributes to sums and histograms
-    (a replica that another rank contributes becomes an empty view).
-    sources: for each tensor, the group rank whose copy decides its ties.
-    """
-
-    weights: Weights
-    masks: list
-    counted: Weights
-    counted_masks: list
-    sources: list[int]
-    dtensors: list
-    has_replicas: bool
-
-
-def _placement_source(dtensor, group, label: str) -> tuple[int, bool]:
-    """(group rank of the copy that counts, whether this tensor has replicas)."""
-    mesh = dtensor.device_mesh
-    coordinate = mesh.get_coordinate()
-    if coordinate is None:
-        raise ValueError(f"{label}: this rank is not in the DTensor's device mesh")
-    source = list(coordinate)
-    replicated = False
-    for dim, placement in enumerate(dtensor.placements):
-        if placement.is_partial():
-            raise ValueError(
-                f"{label} has a Partial placement (pending reduction); redistribute it to "
-                "Shard or Replicate first"
-            )
-        if placement.is_replicate() and mesh.size(dim) > 1:
-            replicated = True
-            source[dim] = 0
-    global_rank = int(mesh.mesh[tuple(source)])
-    return dist.get_group_rank(group, global_rank), replicated
-
-
-def local_shards(tensors, masks, group, scope: str, group_given: bool) -> LocalShards:
-    weights = collect_weights(tensors)
-    mask_list = collect_masks(masks, weights)
-    dtensors = weights.dtensors or [None] * len(weights.tensors)
-    rank = dist.get_rank(group)
-    if any(d is not None for d in dtensors):
-        if any(d is None for d in dtensors) and not group_given:
-            raise ValueError(
-                "tensors mix DTensors and plain tensors; pass group= to say how the plain "
-                "tensors are shared"
-            )
-        meshes = {d.device_mesh for d in dtensors if d is not None}
-        if len(meshes) > 1:
-            raise ValueError("the DTensors live on different device meshes; pass one mesh's")
-    sources, counted, counted_masks, has_replicas = [], [], [], False
-    for i, (w, m, d) in enumerate(zip(weights.tensors, mask_list, dtensors)):
-        source, replicated = (
-            (rank, False) if d is None else _placement_source(d, group, weights.label(i))
-        )
-        if scope == "neuron" and d is not None:
-            _require_whole_rows(d, weights.label(i))
-        has_replicas |= replicated
-        sources.append(source)
-        if source == rank:
-            counted.append(w)
-            counted_masks.append(m)
-        else:
-            counted.append(w.reshape(-1)[:0])
-            counted_masks.append(None if m is None else m.reshape(-1)[:0])
-    counted_weights = Weights(counted, weights.names)
-    return LocalShards(
-        weights, mask_list, counted_weights, counted_masks, sources, dtensors, has_replicas
-    )
-
-
-def _require_whole_rows(dtensor, label: str) -> None:
-    for placement in dtensor.placements:
-        if placement.is_shard() and placement.dim % max(dtensor.dim(), 1) != 0:
-            raise NotImplementedError(
-                f"{label} is sharded along dim {placement.dim}: scope='neuron' needs whole "
-                "rows on each rank (Shard(0) or Replicate)"
-            )
-
-
-def _as_dtensors(masks, shards: LocalShards) -> list:
-    """Wraps local masks as DTensors laid out like the DTensor weights they belong to."""
-    from torch.distributed.tensor import DTensor
-
-    out = []
-    for mask, d in zip(masks, shards.dtensors):
-        if d is None:
-            out.append(mask)
-        else:
-            out.append(
-                DTensor.from_local(
-                    mask,
-                    d.device_mesh,
-                    d.placements,
-                    run_check=False,
-                    shape=d.shape,
-                    stride=d.stride(),
-                )
-            )
-    return out
-
-
 def _status_fields(shards: LocalShards, scope: str, units: int) -> dict:
     dtypes = {t.dtype for t in shards.weights.tensors}
     return {
@@ -377,28 +236,48 @@ def power_sums(tensors, masks, p, q, scope, backend, group):
 # --- thresholds and pruning ------------------------------------------------------
 
 
-def magnitude_threshold(tensors, k, masks, scope, backend, group):
-    from . import selection
-
+def _prepare_selection(operation, tensors, masks, k, scope, backend, group, local_neuron):
+    """Validates and agrees on a threshold/prune call: (group, shards, backend, ks,
+    table, neuron result). scope='neuron' runs `local_neuron` here (rows are local)."""
     group_given = group is not None
     group = infer_group(group, tensors)
-    _begin("magnitude_threshold")
-    error, fields, result = None, {}, None
+    _begin(operation)
+    error, fields, shards, chosen, ks, result = None, {}, None, None, None, None
     try:
+        from .selection import _per_unit
+
         code = scope_code(scope)
         shards = local_shards(tensors, masks, group, scope, group_given)
         chosen = ops.resolve_backend(backend, shards.weights.tensors)
         units = num_units(shards.weights, scope)
-        ks = selection._per_unit(k, units, "k", shards.weights, scope)
+        ks = _per_unit(
+            k, units, "k" if operation == "magnitude_threshold" else "counts", shards.weights, scope
+        )
         fields = _status_fields(shards, scope, units)
         fields.update(key_bits=key_bits_for(shards.weights.tensors), k_checksum=_k_checksum(ks))
         if code == SCOPES["neuron"]:
-            result = selection.magnitude_threshold(
-                shards.weights.tensors, ks, shards.masks, scope="neuron", backend=chosen
+            result = local_neuron(
+                shards.weights.tensors, ks, shards.masks, scope=scope, backend=chosen
             )
     except Exception as caught:  # noqa: BLE001 - re-raised on every rank by _agree
         error = caught
-    _agree(group, "magnitude_threshold", error, fields)
+    table = _agree(group, operation, error, fields)
+    return group, shards, chosen, ks, table, result
+
+
+def magnitude_threshold(tensors, k, masks, scope, backend, group):
+    from . import selection
+
+    group, shards, chosen, ks, _, result = _prepare_selection(
+        "magnitude_threshold",
+        tensors,
+        masks,
+        k,
+        scope,
+        backend,
+        group,
+        lambda w, ks, m, **kw: selection.magnitude_threshold(w, ks, m, **kw),
+    )
     if result is not None:
         return result
     keys, _, key_bits = selection._kth_keys(
@@ -414,25 +293,17 @@ def magnitude_threshold(tensors, k, masks, scope, backend, group):
 def prune(tensors, masks, counts, scope, backend, group):
     from . import selection
 
-    group_given = group is not None
-    group = infer_group(group, tensors)
-    _begin("prune")
-    error, fields, result = None, {}, None
-    try:
-        code = scope_code(scope)
-        shards = local_shards(tensors, masks, group, scope, group_given)
-        chosen = ops.resolve_backend(backend, shards.weights.tensors)
-        units = num_units(shards.weights, scope)
-        counts = selection._per_unit(counts, units, "counts", shards.weights, scope)
-        fields = _status_fields(shards, scope, units)
-        fields.update(key_bits=key_bits_for(shards.weights.tensors), k_checksum=_k_checksum(counts))
-        if code == SCOPES["neuron"]:
-            result = selection.prune(
-                shards.weights.tensors, shards.masks, counts, scope="neuron", backend=chosen
-            )
-    except Exception as caught:  # noqa: BLE001 - re-raised on every rank by _agree
-        error = caught
-    table = _agree(group, "prune", error, fields)
+    group, shards, chosen, counts, table, result = _prepare_selection(
+        "prune",
+        tensors,
+        masks,
+        counts,
+        scope,
+        backend,
+        group,
+        lambda w, ks, m, **kw: selection.prune(w, m, ks, **kw),
+    )
+    code = SCOPES[scope]
     if result is None:
         tie_counts: list = []
         keys, below, key_bits = selection._kth_keys(
@@ -464,7 +335,7 @@ def prune(tensors, masks, counts, scope, backend, group):
                 keys,
                 share.to(keys.device),
             )
-    return _as_dtensors(result, shards) if any(d is not None for d in shards.dtensors) else result
+    return as_dtensors(result, shards) if any(d is not None for d in shards.dtensors) else result
 
 
 def _splits(remove_equal: torch.Tensor, total_equal: torch.Tensor) -> torch.Tensor:
