@@ -256,13 +256,43 @@ def _prepare_selection(operation, tensors, masks, k, scope, backend, group, loca
         fields = _status_fields(shards, scope, units)
         fields.update(key_bits=key_bits_for(shards.weights.tensors), k_checksum=_k_checksum(ks))
         if code == SCOPES["neuron"]:
-            result = local_neuron(
-                shards.weights.tensors, ks, shards.masks, scope=scope, backend=chosen
+            result = _neuron_on_own_rows(
+                operation, local_neuron, shards.weights.tensors, ks, shards.masks, chosen
             )
     except Exception as caught:  # noqa: BLE001 - re-raised on every rank by _agree
         error = caught
     table = _agree(group, operation, error, fields)
     return group, shards, chosen, ks, table, result
+
+
+def _neuron_on_own_rows(operation, local_neuron, tensors, ks, masks, backend) -> list:
+    """scope='neuron' on this rank's rows (no communication). Shards without rows (an
+    FSDP2 rank may hold none of a small tensor) are set aside: they have no units."""
+    from .selection import _result_dtype
+
+    has_rows = [w.dim() == 0 or w.shape[0] > 0 for w in tensors]
+    kept = [i for i, keep in enumerate(has_rows) if keep]
+    results = iter([])
+    if kept:
+        results = iter(
+            local_neuron(
+                [tensors[i] for i in kept],
+                ks,
+                [masks[i] for i in kept],
+                scope="neuron",
+                backend=backend,
+            )
+        )
+    value_dtype = _result_dtype(tensors)
+    out = []
+    for w, keep in zip(tensors, has_rows):
+        if keep:
+            out.append(next(results))
+        elif operation == "prune":
+            out.append(torch.zeros_like(w, dtype=torch.bool))
+        else:
+            out.append(torch.empty(0, dtype=value_dtype, device=w.device))
+    return out
 
 
 def magnitude_threshold(tensors, k, masks, scope, backend, group):
@@ -392,7 +422,11 @@ def _prune_with_replicas(
     keys = keys.cpu()
     tensor_keys, tensor_remove = keys[unit_of], remove_equal[unit_of]
     split = _splits(remove_equal, total_equal)
-    removal = torch.where(tensor_remove > 0, tensor_remove, torch.zeros_like(tensor_remove))
+    # where every equal key goes, prune below the next key instead (a kernel removes at
+    # most the equal keys it holds, and a replica's count is not known here)
+    take_all = (tensor_remove > 0) & ~split[unit_of]
+    thresholds = torch.where(take_all, tensor_keys + 1, tensor_keys)
+    removal = torch.zeros_like(tensor_remove)
     if bool(split.any()):
         equal = _equal_counts_per_tensor(backend, tensors, shards.masks, key_bits, tensor_keys)
         rank = dist.get_rank(group)
@@ -416,6 +450,6 @@ def _prune_with_replicas(
         shards.masks,
         _LAYER,
         key_bits,
-        tensor_keys.to(tensors[0].device),
+        thresholds.to(tensors[0].device),
         removal.to(tensors[0].device),
     )

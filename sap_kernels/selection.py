@@ -135,12 +135,6 @@ def _select_radix(
     return keys, below
 
 
-def _row_counts(mask: torch.Tensor) -> torch.Tensor:
-    """Retained weights per row of mask viewed as (size(0), -1); works with 0 rows."""
-    rows = mask.flatten(1) if mask.dim() > 1 else mask.reshape(-1, 1)
-    return rows.sum(1).cpu()
-
-
 def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, tie_counts=None):
     """(keys, below) per unit: the key of the ks[u]-th smallest retained |w| and the
     number of retained keys below it."""
@@ -153,7 +147,10 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, t
         if not _compiling():
             retained = torch.cat(
                 [
-                    _row_counts(torch.ones_like(w, dtype=torch.bool) if m is None else m)
+                    (torch.ones_like(w, dtype=torch.bool) if m is None else m)
+                    .reshape(1 if w.dim() == 0 else w.shape[0], -1)
+                    .sum(1)
+                    .cpu()
                     for w, m in zip(tensors, masks)
                 ]
             )
