@@ -332,6 +332,16 @@ def _scenario_fsdp(rank: int, world: int) -> None:
                 assert torch.equal(mask.to_local(), _dtensor_chunks(expected, world)[rank])
         inputs = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
         torch.testing.assert_close(model(inputs), reference(inputs))
+        # prune_ updates DTensor masks in place (one more weight per unit)
+        units = 1 if scope == "global" else len(masks)
+        before = [m.to_local().clone() for m in masks]
+        sap_kernels.prune_(
+            model, masks, torch.ones(units, dtype=torch.long), scope=scope, backend=BACKEND
+        )
+        removed = sum(int(b.sum() - m.to_local().sum()) for b, m in zip(before, masks))
+        everyone = torch.tensor([removed])
+        dist.all_reduce(everyone)
+        assert int(everyone) == units, (int(everyone), units)
 
 
 def _scenario_ddp(rank: int, world: int) -> None:
