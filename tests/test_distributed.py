@@ -56,11 +56,10 @@ def _entry(rank: int, world: int, port: int, scenarios: tuple[str, ...]) -> None
         world_size=world,
         timeout=timedelta(seconds=60),
     )
-    try:
-        for name in scenarios:
-            SCENARIOS[name](rank, world)
-    finally:
-        dist.destroy_process_group()
+    for name in scenarios:
+        SCENARIOS[name](rank, world)
+    dist.barrier()  # no rank tears its connections down while another still uses them
+    dist.destroy_process_group()
 
 
 def run_job(world: int, scenarios: tuple[str, ...], timeout: float = JOB_TIMEOUT_S) -> None:
@@ -409,6 +408,17 @@ def _scenario_errors(rank: int, world: int) -> None:
         ValueError,
         lambda: sap_kernels.magnitude_threshold(local, total + 1, **kw),
         "out of range",
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    by_columns = [distribute_tensor(full[0].float(), init_device_mesh("cpu", (world,)), [Shard(1)])]
+    _expect_error(  # rows split over ranks: refused on every rank
+        rank,
+        -1,
+        NotImplementedError,
+        lambda: sap_kernels.prune(by_columns, None, 1, scope="neuron", backend=BACKEND),
+        "whole rows",
     )
     # and the group is still in step
     _close(sap_kernels.pqi(local, **kw), sap_kernels.pqi(full, backend=BACKEND), "after", 1e-6)
