@@ -4,8 +4,9 @@ a module or a list, checking them, and naming the offending tensor on error."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,9 +35,42 @@ class Weights:
 
     tensors: list[torch.Tensor]
     names: list[str]
+    # the DTensor each local tensor came from (None for plain tensors); empty if none
+    dtensors: list = field(default_factory=list)
 
     def label(self, i: int) -> str:
         return self.names[i]
+
+
+def is_dtensor(t) -> bool:
+    """True for a torch.distributed DTensor (never imports torch.distributed.tensor)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def uses_distribution(group, tensors) -> bool:
+    """True when a call must go through sap_kernels.distributed: a group is given,
+    or the tensors (or the module's selected parameters) include DTensors."""
+    if group is not None:
+        return True
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    if isinstance(tensors, nn.Module):
+        return any(is_dtensor(p) for _, p in parameters_to_prune(tensors))
+    if isinstance(tensors, Sequence):
+        return any(is_dtensor(t) for t in tensors)
+    return False
+
+
+def _local_parts(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+    """(local shards, originating DTensors or [] if none): DTensors become `.to_local()`."""
+    if not any(is_dtensor(t) for t in tensors):
+        return tensors, []
+    originals = [t if is_dtensor(t) else None for t in tensors]
+    return [t.to_local() if is_dtensor(t) else t for t in tensors], originals
 
 
 def collect_weights(tensors, argument: str = "tensors") -> Weights:
@@ -48,7 +82,8 @@ def collect_weights(tensors, argument: str = "tensors") -> Weights:
                 "one dimension; pass a list of tensors instead"
             )
         names = [f"{argument}[{i}] ({name})" for i, (name, _) in enumerate(pairs)]
-        return Weights([p.detach() for _, p in pairs], names)
+        local, originals = _local_parts([p.detach() for _, p in pairs])
+        return Weights(local, names, originals)
     if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{argument} must be a list of tensors or an nn.Module, not a tensor")
     if not isinstance(tensors, Sequence):
@@ -62,7 +97,8 @@ def collect_weights(tensors, argument: str = "tensors") -> Weights:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{argument}[{i}] is a {type(t).__name__}, not a torch.Tensor")
         out.append(t.detach() if t.requires_grad else t)
-    weights = Weights(out, [f"{argument}[{i}]" for i in range(len(out))])
+    local, originals = _local_parts(out)
+    weights = Weights(local, [f"{argument}[{i}]" for i in range(len(out))], originals)
     check_weights(weights)
     return weights
 
@@ -98,6 +134,8 @@ def collect_masks(masks, weights: Weights, argument: str = "masks") -> list[torc
             continue
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"{argument}[{i}] is a {type(m).__name__}, not a torch.Tensor")
+        if is_dtensor(m):
+            m = m.to_local()
         if m.dtype != torch.bool:
             raise TypeError(f"{argument}[{i}] has dtype {m.dtype}; expected torch.bool")
         if m.shape != w.shape:

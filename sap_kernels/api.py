@@ -13,6 +13,7 @@ from ._inputs import (
     collect_weights,
     scope_code,
     split_neuron,
+    uses_distribution,
 )
 from .sparsity import pqi_from_sums
 
@@ -30,16 +31,16 @@ class PQSums(NamedTuple):
 
 
 def _power_sums(tensors, masks, p, q, scope, backend, group):
+    if uses_distribution(group, tensors):
+        from .distributed import power_sums
+
+        return power_sums(tensors, masks, p, q, scope, backend, group)
     weights = collect_weights(tensors)
     mask_list = collect_masks(masks, weights)
     p, q = check_exponents(p, q)
     code = scope_code(scope)
     chosen = ops.resolve_backend(backend, weights.tensors)
     sums = ops.masked_power_sums(chosen, weights.tensors, mask_list, p, q, code)
-    if group is not None:
-        from .distributed import all_reduce_sums
-
-        sums = all_reduce_sums(sums, group)
     return weights, sums
 
 

@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._inputs import collect_masks, collect_weights, num_units, scope_code, split_neuron
+from ._inputs import (
+    collect_masks,
+    collect_weights,
+    num_units,
+    scope_code,
+    split_neuron,
+    uses_distribution,
+)
 from .reference import key_bits_for, keys_to_values
 
 # Units per histogram call in layer scope: 64 x 65,536 int64 = 32 MiB.
@@ -76,13 +83,18 @@ def _select_radix(
     allow_zero,
     labels,
     nonfinite_digit,
+    tie_counts=None,
 ):
-    """(keys, below) per unit for scopes global/layer; keys -1 where ks == 0."""
+    """(keys, below) per unit for scopes global/layer; keys -1 where ks == 0.
+
+    With `tie_counts` (a list, distributed pruning), appends (local, total): the
+    retained keys equal to the threshold on this rank and on all ranks, per unit."""
     device = tensors[0].device
     units = ks.numel()
     ks = ks.to(device)
     zeros = torch.zeros(units, dtype=torch.int64, device=device)
     hist = ops.magnitude_histogram(backend, tensors, masks, code, key_bits, zeros, 0)
+    local_hist = hist
     if group is not None:
         from .distributed import all_reduce_histogram
 
@@ -97,9 +109,10 @@ def _select_radix(
     below = torch.where(
         digit > 0, cumulative.gather(1, (digit - 1).clamp(min=0)[:, None]).squeeze(1), zeros
     )
-    keys = digit
+    keys, final_digit = digit, digit
     if key_bits == 32:
         hist_low = ops.magnitude_histogram(backend, tensors, masks, code, key_bits, digit, 1)
+        local_hist = hist_low
         if group is not None:
             hist_low = all_reduce_histogram(hist_low, group)
         cumulative_low = hist_low.cumsum(1)
@@ -110,7 +123,13 @@ def _select_radix(
             cumulative_low.gather(1, (digit_low - 1).clamp(min=0)[:, None]).squeeze(1),
             zeros,
         )
-        keys = (digit << 16) | digit_low
+        keys, final_digit, hist = (digit << 16) | digit_low, digit_low, hist_low
+    if tie_counts is not None:
+        final = final_digit[:, None]
+        local_equal, total_equal = (h.gather(1, final).squeeze(1) for h in (local_hist, hist))
+        tie_counts.append(
+            (torch.where(ks > 0, local_equal, zeros), torch.where(ks > 0, total_equal, zeros))
+        )
     keys = torch.where(ks > 0, keys, torch.full_like(keys, -1))
     below = torch.where(ks > 0, below, zeros)
     return keys, below
@@ -139,7 +158,7 @@ def _unit_labels(weights, scope: str):
     return lambda u: f"row {u}"
 
 
-def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero):
+def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, tie_counts=None):
     """(keys, below) per unit: the key of the ks[u]-th smallest retained |w| and the
     number of retained keys below it."""
     tensors = weights.tensors
@@ -167,6 +186,7 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero):
             allow_zero,
             lambda u: "the retained weights",
             nonfinite_digit,
+            tie_counts,
         )
         return keys, below, key_bits
     key_parts, below_parts = [], []
@@ -184,6 +204,7 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero):
             allow_zero,
             lambda u, start=start: weights.label(start + u),
             nonfinite_digit,
+            tie_counts,
         )
         key_parts.append(keys)
         below_parts.append(below)
@@ -206,6 +227,10 @@ def magnitude_threshold(
     Returns a 0-d tensor (global), a 1-d tensor per tensor (layer) or a list of
     per-row tensors (neuron), in the weights' dtype (float32 if they differ).
     """
+    if uses_distribution(group, tensors):
+        from .distributed import magnitude_threshold as distributed_threshold
+
+        return distributed_threshold(tensors, k, masks, scope, backend, group)
     weights = collect_weights(tensors)
     mask_list = collect_masks(masks, weights)
     scope_code(scope)
@@ -246,6 +271,10 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
     the same masks. `masks=None` means all retained. `counts` is an int or one
     int per unit (see `magnitude_threshold`). Inputs are not modified.
     """
+    if uses_distribution(group, tensors):
+        from .distributed import prune as distributed_prune
+
+        return distributed_prune(tensors, masks, counts, scope, backend, group)
     weights = collect_weights(tensors)
     mask_list = collect_masks(masks, weights)
     code = scope_code(scope)
