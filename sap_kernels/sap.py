@@ -219,9 +219,7 @@ class Pruner:
         self.names = [name for name, _ in pairs]
         self.parameters = [param for _, param in pairs]
         self.masks = [torch.ones_like(param, dtype=torch.bool) for param in self.parameters]
-        self.initial = {
-            name: param.detach().clone() for name, param in module.named_parameters()
-        }
+        self.initial = {name: param.detach().clone() for name, param in module.named_parameters()}
         self.dense_weights: list[torch.Tensor] | None = None
         self.history: list[PruningRecord] = []
 
@@ -245,9 +243,7 @@ class Pruner:
     # --- one pruning iteration -------------------------------------------------------
 
     def _unit_sums(self, masks, p: float, q: float, scope: str):
-        sums = pq_sums(
-            self.parameters, masks, p=p, q=q, scope=scope, backend=self.backend
-        )
+        sums = pq_sums(self.parameters, masks, p=p, q=q, scope=scope, backend=self.backend)
         return [s.reshape(-1) for s in sums]
 
     @torch.no_grad()
@@ -392,8 +388,7 @@ class Pruner:
         """Restores a `state_dict()`; the pruned parameter names and shapes must match."""
         if list(state["names"]) != self.names:
             raise ValueError(
-                f"state_dict prunes parameters {state['names']} but this pruner prunes "
-                f"{self.names}"
+                f"state_dict prunes parameters {state['names']} but this pruner prunes {self.names}"
             )
         for name, mask, saved in zip(self.names, self.masks, state["masks"]):
             if saved.shape != mask.shape or saved.dtype != torch.bool:

@@ -199,8 +199,7 @@ def test_sap_record_matches_the_formulas_per_unit():
     policy = SAPPolicy(scope="neuron", p=0.6, q=1.7, eta_r=0.2, gamma=2.0, beta=0.6)
     pruner = Pruner(model, policy, backend=BACKEND)
     record = pruner.prune()
-    r_t, c_t = sap_counts(record.pqi, record.retained, p=0.6, q=1.7, eta_r=0.2, gamma=2.0,
-                          beta=0.6)
+    r_t, c_t = sap_counts(record.pqi, record.retained, p=0.6, q=1.7, eta_r=0.2, gamma=2.0, beta=0.6)
     assert torch.equal(record.retained_bound, r_t) and torch.equal(record.pruned, c_t)
     assert int(record.pruned.sum()) > 0
 
@@ -269,8 +268,18 @@ def test_pruned_weights_stay_zero_through_20_compiled_training_steps():
         for i, g in zip(pruned_index, masked):
             grads[i] = g
         with torch.no_grad():
-            sgd(params, grads, momentum, lr=0.05, momentum=0.9, weight_decay=1e-2,
-                dampening=0.0, nesterov=False, maximize=False, foreach=False)
+            sgd(
+                params,
+                grads,
+                momentum,
+                lr=0.05,
+                momentum=0.9,
+                weight_decay=1e-2,
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
+                foreach=False,
+            )
         pruner.apply_masks_()
         return loss.detach()
 
