@@ -181,6 +181,7 @@ def plot_results(rows, models, policies, output_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     paths = []
     for name, x_key, y_key, y_label in (
@@ -197,6 +198,7 @@ def plot_results(rows, models, policies, output_dir: Path) -> list[Path]:
             if x_key == "remaining_percent":
                 ax.set_xscale("log")
                 ax.invert_xaxis()
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
                 ax.set_xlabel("% weights remaining (log scale)")
             else:
                 ax.set_xlabel("pruning iteration t")

@@ -244,7 +244,7 @@ class Pruner:
 
     def _unit_sums(self, masks, p: float, q: float, scope: str):
         sums = pq_sums(self.parameters, masks, p=p, q=q, scope=scope, backend=self.backend)
-        return [s.reshape(-1) for s in sums]
+        return [s.reshape(-1).cpu() for s in sums]  # per-unit bookkeeping stays on the CPU
 
     @torch.no_grad()
     def prune(self, density: float | None = None) -> PruningRecord:

@@ -233,9 +233,22 @@ def test_custom_filter_and_bad_arguments():
 # --- training integration ---------------------------------------------------------------
 
 
-def _sgd_setup(model):
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+
+
+def _backend_for(device: str) -> str:
+    return BACKEND if device == "cpu" else "auto"
+
+
+def _sgd_setup(model, device="cpu"):
     torch.manual_seed(1)
     inputs, targets = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    inputs, targets = inputs.to(device), targets.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
     return inputs, targets, optimizer
 
@@ -247,13 +260,14 @@ def _train_dense(model, inputs, targets, optimizer, steps=3):
         optimizer.step()
 
 
-def test_pruned_weights_stay_zero_through_20_compiled_training_steps():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pruned_weights_stay_zero_through_20_compiled_training_steps(device):
     from torch.optim.sgd import sgd
 
-    model = _model()
-    inputs, targets, optimizer = _sgd_setup(model)
+    model = _model().to(device)
+    inputs, targets, optimizer = _sgd_setup(model, device)
     _train_dense(model, inputs, targets, optimizer)
-    pruner = Pruner(model, SAPPolicy(scope="layer"), backend=BACKEND)
+    pruner = Pruner(model, SAPPolicy(scope="layer"), backend=_backend_for(device))
     pruner.prune()
     params = list(model.parameters())
     momentum = [optimizer.state[p]["momentum_buffer"] for p in params]
@@ -293,11 +307,12 @@ def test_pruned_weights_stay_zero_through_20_compiled_training_steps():
     assert losses[-1] < losses[0]
 
 
-def test_compiled_apply_masks_with_an_eager_optimizer():
-    model = _model()
-    inputs, targets, optimizer = _sgd_setup(model)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_apply_masks_with_an_eager_optimizer(device):
+    model = _model().to(device)
+    inputs, targets, optimizer = _sgd_setup(model, device)
     _train_dense(model, inputs, targets, optimizer)
-    pruner = Pruner(model, LotteryTicketPolicy(), backend=BACKEND)
+    pruner = Pruner(model, LotteryTicketPolicy(), backend=_backend_for(device))
     pruner.prune()
     apply_masks = torch.compile(pruner.apply_masks_, fullgraph=True)
     for step in range(5):
