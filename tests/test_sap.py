@@ -395,3 +395,29 @@ def test_load_state_dict_rejects_another_model():
     other = Pruner(nn.Sequential(nn.Linear(3, 4)), backend=BACKEND)
     with pytest.raises(ValueError, match="prunes parameters"):
         other.load_state_dict(pruner.state_dict())
+
+
+@pytest.mark.parametrize("policy", [SAPPolicy(scope="layer"), LotteryTicketPolicy()])
+def test_bfloat16_ties_are_pruned_exactly(policy):
+    model = _model().to(torch.bfloat16)  # bfloat16 magnitudes tie often
+    pruner = Pruner(model, policy, backend=BACKEND)
+    before = [m.clone() for m in pruner.masks]
+    weights = [p.detach().clone() for p in pruner.parameters]
+    ties = sum(w.numel() - w.abs().unique().numel() for w in weights)
+    assert ties > 100
+    record = pruner.prune()
+    expected = prune_by_stable_sort(weights, before, record.pruned, policy.scope)
+    for mask, want in zip(pruner.masks, expected):
+        assert torch.equal(mask, want)
+    assert torch.equal(_units_removed(before, pruner.masks, policy.scope), record.pruned)
+
+
+def test_one_shot_masks_are_nested_and_density_can_be_given():
+    model = _model()
+    pruner = Pruner(model, OneShotPolicy(), backend=BACKEND)
+    pruner.prune(density=0.5)
+    first = [m.clone() for m in pruner.masks]
+    _perturb_(model, seed=5)  # later weights do not matter: masks come from the dense snapshot
+    record = pruner.prune(density=0.25)
+    assert record.density == pytest.approx(0.25, abs=1e-3)
+    assert all(bool((new <= old).all()) for new, old in zip(pruner.masks, first))
