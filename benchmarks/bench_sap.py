@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--params", type=float, default=2.7e8)
     parser.add_argument("--backend", default="auto", help="selection backend (prune, apply)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default="benchmarks/results/bench_sap.json")
+    parser.add_argument("--json", type=Path, help="write machine-readable results here")
     parser.add_argument("--peak-of", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
             "pqi_abs_difference": abs(ours_pqi - paper_pqi) if math.isfinite(paper_pqi) else None,
         },
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 
