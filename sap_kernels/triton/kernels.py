@@ -1,0 +1,435 @@
+"""Triton kernels for the sap_kernels ops (DESIGN.md §5).
+
+Every kernel walks a *piece table*: int64 rows of `PIECE_COLUMNS` entries
+
+    (begin, length, mask_begin, unit, piece)
+
+where `begin` is the element offset of the piece from the one base pointer of
+its dtype group, `mask_begin` the byte offset from the masks' base pointer (or
+-1 when the tensor has no mask: all retained), `unit` the pruning unit the
+whole piece belongs to and `piece` its index in the op's global piece order
+(tensor order, then flat order). Program `c` handles the pieces
+`chunk_starts[c] .. chunk_starts[c + 1]`, so thousands of tiny tensors share
+programs. Addressing by int64 offsets from one base pointer, instead of
+pointers loaded from memory, is what lets the same kernels run under
+`TRITON_INTERPRET=1` on CPU tensors.
+
+Weights are read as raw bits (int32 for float32, int16 for bfloat16/float16):
+the magnitude and the radix key are formed with integer ops and bitcasts, so
+no bfloat16 arithmetic happens (the interpreter has no bfloat16 type).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PIECE_COLUMNS = 5
+# WeightType codes, as in csrc/kernel_types.h.
+FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
+# PowerKind codes, as in csrc/kernel_types.h.
+POW_HALF, POW_ONE, POW_TWO, POW_INT, POW_GENERAL = 0, 1, 2, 3, 4
+FLOAT32_INF_BITS = 0x7F800000
+
+
+@triton.jit
+def _magnitude(bits, WEIGHT_TYPE: tl.constexpr):
+    """|w| as float32 from the raw bits of a float32, bfloat16 or float16 weight
+    (exact: every bfloat16/float16 value is a float32 value)."""
+    if WEIGHT_TYPE == 0:
+        magnitude = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    elif WEIGHT_TYPE == 1:
+        magnitude = ((bits.to(tl.int32) & 0x7FFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        magnitude = (bits & 0x7FFF).to(tl.float16, bitcast=True).to(tl.float32)
+    return magnitude
+
+
+@triton.jit
+def _key(bits, WEIGHT_TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Radix key of |w| as int32: the float32 bits of |w| (KEY_BITS 32) or the
+    16-bit magnitude bits (KEY_BITS 16). Keys order exactly like magnitudes."""
+    if KEY_BITS == 16:
+        key = bits.to(tl.int32) & 0x7FFF
+    else:
+        key = _magnitude(bits, WEIGHT_TYPE).to(tl.int32, bitcast=True)
+    return key
+
+
+@triton.jit
+def _retained(mask_bytes, mask_begin, offsets, valid):
+    """Whether each weight at `offsets` (< length where `valid`) is retained:
+    its mask byte, or True when the tensor has no mask (mask_begin < 0). The
+    scalar test is broadcast first: the interpreter rejects load masks formed
+    from a vector and a scalar."""
+    has_mask = (tl.zeros(offsets.shape, tl.int64) + mask_begin) >= 0
+    keep = tl.load(mask_bytes + mask_begin + offsets, mask=valid & has_mask, other=1)
+    return valid & (keep != 0)
+
+
+@triton.jit
+def _power(x, r, KIND: tl.constexpr, INT_EXPONENT: tl.constexpr):
+    """x^r for x >= 0 in float32, with x = 0 giving 0.
+
+    The common exponents are exact or one rounding (sqrt, x, x*x, square and
+    multiply for integers 3..15). Any other r: x = 2^e * m with m in [1, 2),
+    y = r * (e + log2 m) in float64 so the exponent's integer part costs no
+    precision, then 2^y = 2^frac(y) * 2^n1 * 2^n2 (two float32 scale factors
+    reach subnormals and overflow to inf like the CPU kernel). r arrives as a
+    float32 scalar on the GPU: |w|^r is then off by |dr * ln|w|| ~ 1e-7 relative.
+    INT_EXPONENT is r for KIND == POW_INT (a compile-time constant)."""
+    if KIND == 0:
+        result = tl.sqrt(x)
+    elif KIND == 1:
+        result = x
+    elif KIND == 2:
+        result = x * x
+    elif KIND == 3:
+        result = tl.full(x.shape, 1.0, tl.float32)
+        base = x
+        for step in tl.static_range(4):
+            if (INT_EXPONENT >> step) & 1:
+                result = result * base
+            base = base * base
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        subnormal = bits < 0x00800000
+        scaled_bits = tl.where(subnormal, x * 8388608.0, x).to(tl.int32, bitcast=True)
+        exponent = (scaled_bits >> 23) - 127 - tl.where(subnormal, 23, 0)
+        mantissa = ((scaled_bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+        y = (exponent.to(tl.float64) + tl.log2(mantissa).to(tl.float64)) * r
+        y = tl.minimum(tl.maximum(y, -600.0), 600.0)
+        whole = tl.floor(y)
+        fraction = tl.exp2((y - whole).to(tl.float32))
+        n = tl.minimum(tl.maximum(whole.to(tl.int32), -252), 254)
+        n1 = n >> 1
+        n2 = n - n1
+        scale1 = ((n1 + 127) << 23).to(tl.float32, bitcast=True)
+        scale2 = ((n2 + 127) << 23).to(tl.float32, bitcast=True)
+        result = tl.where(x == 0.0, 0.0, fraction * scale1 * scale2)
+    return result
+
+
+@triton.jit
+def _power_f64(x, r):
+    """x^r in float64 (x = 0 gives 0): the fallback for tiles whose float32
+    powers could overflow or underflow."""
+    x64 = x.to(tl.float64)
+    safe = tl.where(x64 > 0.0, x64, 1.0)
+    return tl.where(x64 > 0.0, tl.exp2(tl.log2(safe) * r), 0.0)
+
+
+@triton.jit
+def power_sums_kernel(
+    weight_bits,
+    mask_bytes,
+    pieces,
+    chunk_starts,
+    partials,
+    p,
+    q,
+    safe_min,
+    safe_max,
+    WEIGHT_TYPE: tl.constexpr,
+    P_KIND: tl.constexpr,
+    Q_KIND: tl.constexpr,
+    P_INT: tl.constexpr,
+    Q_INT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """partials[piece] = (S_p, S_q, d, nonfinite) over one piece:
+
+        S_r = sum_{i in piece, m_i, |w_i| finite} |w_i|^r,  d = #{i : m_i},
+        nonfinite = #{i : m_i, w_i NaN or inf}.
+
+    Each lane accumulates its |w|^r in float32 over the piece's tiles (at most
+    pieces/BLOCK terms per lane), and the lanes are summed in float64. A tile
+    whose largest magnitude lies outside [safe_min, safe_max] (where float32
+    powers could overflow or lose everything to underflow) is summed in float64
+    instead. No atomics: the result is the same run after run.
+    """
+    chunk = tl.program_id(0)
+    first = tl.load(chunk_starts + chunk)
+    last = tl.load(chunk_starts + chunk + 1)
+    lanes = tl.arange(0, BLOCK)
+    for index in range(first, last):
+        row = pieces + index * 5
+        begin = tl.load(row)
+        length = tl.load(row + 1)
+        mask_begin = tl.load(row + 2)
+        piece = tl.load(row + 4)
+        acc_p = tl.zeros([BLOCK], tl.float32)
+        acc_q = tl.zeros([BLOCK], tl.float32)
+        wide_p = tl.full([], 0.0, tl.float64)
+        wide_q = tl.full([], 0.0, tl.float64)
+        retained = tl.zeros([BLOCK], tl.int32)
+        nonfinite = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, length, BLOCK):
+            offsets = start + lanes
+            valid = offsets < length
+            bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
+            keep = _retained(mask_bytes, mask_begin, offsets, valid)
+            magnitude = _magnitude(bits, WEIGHT_TYPE)
+            bad = keep & (magnitude.to(tl.int32, bitcast=True) >= 0x7F800000)
+            retained += keep.to(tl.int32)
+            nonfinite += bad.to(tl.int32)
+            magnitude = tl.where(keep & ~bad, magnitude, 0.0)
+            largest = tl.max(magnitude, axis=0)
+            if (largest > safe_max) | ((largest > 0.0) & (largest < safe_min)):
+                wide_p += tl.sum(_power_f64(magnitude, p), axis=0)
+                wide_q += tl.sum(_power_f64(magnitude, q), axis=0)
+            else:
+                acc_p += _power(magnitude, p, P_KIND, P_INT)
+                acc_q += _power(magnitude, q, Q_KIND, Q_INT)
+        out = partials + piece * 4
+        tl.store(out, tl.sum(acc_p.to(tl.float64), axis=0) + wide_p)
+        tl.store(out + 1, tl.sum(acc_q.to(tl.float64), axis=0) + wide_q)
+        tl.store(out + 2, tl.sum(retained, axis=0).to(tl.float64))
+        tl.store(out + 3, tl.sum(nonfinite, axis=0).to(tl.float64))
+
+
+@triton.jit
+def reduce_partials_kernel(partials, unit_starts, out, BLOCK: tl.constexpr):
+    """out[u] = sum of partials[j, 0:3] over the pieces j of unit u
+    (unit_starts[u] <= j < unit_starts[u + 1]), in a fixed order: lane l adds
+    pieces l, l + BLOCK, ... in float64, then the lanes are tree-summed."""
+    unit = tl.program_id(0)
+    first = tl.load(unit_starts + unit)
+    last = tl.load(unit_starts + unit + 1)
+    lanes = tl.arange(0, BLOCK)
+    acc_p = tl.zeros([BLOCK], tl.float64)
+    acc_q = tl.zeros([BLOCK], tl.float64)
+    acc_d = tl.zeros([BLOCK], tl.float64)
+    for start in range(first, last, BLOCK):
+        index = start + lanes
+        valid = index < last
+        acc_p += tl.load(partials + index * 4, mask=valid, other=0.0)
+        acc_q += tl.load(partials + index * 4 + 1, mask=valid, other=0.0)
+        acc_d += tl.load(partials + index * 4 + 2, mask=valid, other=0.0)
+    tl.store(out + unit * 3, tl.sum(acc_p, axis=0))
+    tl.store(out + unit * 3 + 1, tl.sum(acc_q, axis=0))
+    tl.store(out + unit * 3 + 2, tl.sum(acc_d, axis=0))
+
+
+@triton.jit
+def histogram_kernel(
+    weight_bits,
+    mask_bytes,
+    pieces,
+    chunk_starts,
+    prefixes,
+    histogram,
+    WEIGHT_TYPE: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    PASS_INDEX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """histogram[u, digit] += #{retained i in unit u with that digit}, where
+    digit = key >> 16 (pass 0, 32-bit keys), key (pass 0, 16-bit keys) or
+    key & 0xFFFF for keys with key >> 16 == prefixes[u] (pass 1).
+    Integer atomics: the counts are exact and order-independent."""
+    chunk = tl.program_id(0)
+    first = tl.load(chunk_starts + chunk)
+    last = tl.load(chunk_starts + chunk + 1)
+    lanes = tl.arange(0, BLOCK)
+    ones = tl.full([BLOCK], 1, tl.int64)
+    for index in range(first, last):
+        row = pieces + index * 5
+        begin = tl.load(row)
+        length = tl.load(row + 1)
+        mask_begin = tl.load(row + 2)
+        unit = tl.load(row + 3)
+        prefix = tl.load(prefixes + unit).to(tl.int32)
+        for start in range(0, length, BLOCK):
+            offsets = start + lanes
+            valid = offsets < length
+            bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
+            keep = _retained(mask_bytes, mask_begin, offsets, valid)
+            key = _key(bits, WEIGHT_TYPE, KEY_BITS)
+            if PASS_INDEX == 0:
+                if KEY_BITS == 32:
+                    digit = key >> 16
+                else:
+                    digit = key
+            else:
+                keep = keep & ((key >> 16) == prefix)
+                digit = key & 0xFFFF
+            tl.atomic_add(histogram + unit * 65536 + digit, ones, mask=keep)
+
+
+@triton.jit
+def rowwise_kth_kernel(
+    weight_bits,
+    mask_bytes,
+    pieces,
+    ks,
+    result,
+    nonfinite,
+    WEIGHT_TYPE: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """result[row] = (key of the k-th smallest retained key of the row,
+    #retained keys below it), k = ks[row]; (-1, 0) when k = 0. One program per
+    row (a piece is a whole row here): radix select on 8-bit digits, most
+    significant first. Pass j histograms digit j of the retained keys whose
+    higher digits equal the prefix chosen so far; the digit where the
+    cumulative count reaches the remaining rank is appended to the prefix and
+    the counts of smaller digits are added to `below`. nonfinite[row] counts
+    retained NaN/inf keys (found in the first pass)."""
+    index = tl.program_id(0)
+    row = pieces + index * 5
+    begin = tl.load(row)
+    length = tl.load(row + 1)
+    mask_begin = tl.load(row + 2)
+    unit = tl.load(row + 3)
+    k = tl.load(ks + unit)
+    lanes = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 256)
+    if KEY_BITS == 32:
+        inf_key = 0x7F800000
+    elif WEIGHT_TYPE == 1:
+        inf_key = 0x7F80
+    else:
+        inf_key = 0x7C00
+    prefix = tl.full([], 0, tl.int32)
+    below = tl.full([], 0, tl.int64)
+    remaining = k
+    bad = tl.zeros([BLOCK], tl.int32)
+    if k > 0:
+        for level in tl.static_range(KEY_BITS // 8):
+            shift = KEY_BITS - 8 * (level + 1)
+            counts = tl.zeros([256], tl.int32)
+            for start in range(0, length, BLOCK):
+                offsets = start + lanes
+                valid = offsets < length
+                bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
+                keep = _retained(mask_bytes, mask_begin, offsets, valid)
+                key = _key(bits, WEIGHT_TYPE, KEY_BITS)
+                if level == 0:
+                    bad += (keep & (key >= inf_key)).to(tl.int32)
+                else:
+                    keep = keep & ((key >> (shift + 8)) == prefix)
+                counts += tl.histogram((key >> shift) & 0xFF, 256, mask=keep).to(tl.int32)
+            cumulative = tl.cumsum(counts, axis=0)
+            digit = tl.sum((cumulative < remaining).to(tl.int32), axis=0)
+            smaller = tl.sum(tl.where(bins < digit, counts, 0), axis=0).to(tl.int64)
+            below += smaller
+            remaining -= smaller
+            prefix = (prefix << 8) | digit
+        tl.store(result + unit * 2, prefix.to(tl.int64))
+        tl.store(result + unit * 2 + 1, below)
+    else:
+        tl.store(result + unit * 2, tl.full([], -1, tl.int64))
+        tl.store(result + unit * 2 + 1, tl.full([], 0, tl.int64))
+    tl.store(nonfinite + unit, tl.sum(bad, axis=0))
+
+
+@triton.jit
+def count_equal_kernel(
+    weight_bits,
+    mask_bytes,
+    pieces,
+    chunk_starts,
+    threshold_keys,
+    remove_equal,
+    equal_counts,
+    WEIGHT_TYPE: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """equal_counts[piece] = #{retained i in piece : key_i == threshold_keys[unit]},
+    the per-piece counts whose scan ranks the equal keys in flat order. Pieces of
+    units that remove no equal key are skipped (count 0, nothing read)."""
+    chunk = tl.program_id(0)
+    first = tl.load(chunk_starts + chunk)
+    last = tl.load(chunk_starts + chunk + 1)
+    lanes = tl.arange(0, BLOCK)
+    for index in range(first, last):
+        row = pieces + index * 5
+        begin = tl.load(row)
+        length = tl.load(row + 1)
+        mask_begin = tl.load(row + 2)
+        unit = tl.load(row + 3)
+        piece = tl.load(row + 4)
+        threshold = tl.load(threshold_keys + unit)
+        equal = tl.zeros([BLOCK], tl.int32)
+        if (threshold >= 0) & (tl.load(remove_equal + unit) > 0):
+            for start in range(0, length, BLOCK):
+                offsets = start + lanes
+                valid = offsets < length
+                bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
+                keep = _retained(mask_bytes, mask_begin, offsets, valid)
+                key = _key(bits, WEIGHT_TYPE, KEY_BITS)
+                equal += (keep & (key.to(tl.int64) == threshold)).to(tl.int32)
+        tl.store(equal_counts + piece, tl.sum(equal, axis=0).to(tl.int64))
+
+
+@triton.jit
+def prune_kernel(
+    weight_bits,
+    mask_bytes,
+    out_bytes,
+    pieces,
+    out_begins,
+    chunk_starts,
+    threshold_keys,
+    remove_equal,
+    equal_before,
+    WEIGHT_TYPE: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """New mask of one piece: keep_i and not (key_i < t or (key_i == t and
+    rank_i < remove_equal[unit])), t = threshold_keys[unit] (t < 0: nothing
+    removed), rank_i = number of retained keys equal to t before i in the unit's
+    flat order = equal_before[piece] + an in-piece inclusive scan - 1.
+    out_begins[index] is the piece's byte offset from the output masks' base."""
+    chunk = tl.program_id(0)
+    first = tl.load(chunk_starts + chunk)
+    last = tl.load(chunk_starts + chunk + 1)
+    lanes = tl.arange(0, BLOCK)
+    for index in range(first, last):
+        row = pieces + index * 5
+        begin = tl.load(row)
+        length = tl.load(row + 1)
+        mask_begin = tl.load(row + 2)
+        unit = tl.load(row + 3)
+        piece = tl.load(row + 4)
+        out_begin = tl.load(out_begins + index)
+        threshold = tl.load(threshold_keys + unit)
+        active = threshold >= 0
+        quota = tl.load(remove_equal + unit)
+        seen = tl.load(equal_before + piece)
+        for start in range(0, length, BLOCK):
+            offsets = start + lanes
+            valid = offsets < length
+            bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
+            keep = _retained(mask_bytes, mask_begin, offsets, valid)
+            key = _key(bits, WEIGHT_TYPE, KEY_BITS).to(tl.int64)
+            equal = keep & (key == threshold) & active
+            rank = seen + tl.cumsum(equal.to(tl.int64), axis=0) - 1
+            removed = active & ((key < threshold) | (equal & (rank < quota)))
+            tl.store(out_bytes + out_begin + offsets, (keep & ~removed).to(tl.int8), mask=valid)
+            seen += tl.sum(equal.to(tl.int64), axis=0)
+
+
+@triton.jit
+def apply_masks_kernel(weight_bits, mask_bytes, pieces, chunk_starts, BLOCK: tl.constexpr):
+    """w_i = +0 where m_i is False (the weight bits are overwritten, so a NaN
+    that was pruned cannot survive as it would with w * m). Reads only masks."""
+    chunk = tl.program_id(0)
+    first = tl.load(chunk_starts + chunk)
+    last = tl.load(chunk_starts + chunk + 1)
+    lanes = tl.arange(0, BLOCK)
+    for index in range(first, last):
+        row = pieces + index * 5
+        begin = tl.load(row)
+        length = tl.load(row + 1)
+        mask_begin = tl.load(row + 2)
+        for start in range(0, length, BLOCK):
+            offsets = start + lanes
+            valid = offsets < length
+            keep = tl.load(mask_bytes + mask_begin + offsets, mask=valid, other=1)
+            zero = tl.zeros([BLOCK], weight_bits.dtype.element_ty)
+            tl.store(weight_bits + begin + offsets, zero, mask=valid & (keep == 0))
