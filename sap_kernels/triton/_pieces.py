@@ -163,6 +163,9 @@ class Group:
     table: torch.Tensor  # int64 [pieces, 5] on the device, see kernels.PIECE_COLUMNS
     chunk_starts: torch.Tensor  # int64 [chunks + 1] on the device
     selected: torch.Tensor  # indices (into the global piece order) of this group's pieces
+    # Every piece's weights and mask bytes start 16 bytes from 16-byte aligned
+    # bases: the kernels may then use 16-byte vector loads.
+    aligned: bool
 
     @property
     def num_chunks(self) -> int:
@@ -204,10 +207,19 @@ def make_groups(
             ],
             dim=1,
         )
+        weights_per_16_bytes = 16 // weight_base.element_size()
+        aligned = (
+            weight_base.data_ptr() % 16 == 0
+            and mask_base.data_ptr() % 16 == 0
+            and bool((table[:, 0] % weights_per_16_bytes == 0).all())
+            and bool(((table[:, 2] < 0) | (table[:, 2] % 16 == 0)).all())
+        )
         chunk_of_piece = _exclusive_cumsum(pieces.length[selected]) // chunk_elements
         _, per_chunk = torch.unique_consecutive(chunk_of_piece, return_counts=True)
         chunk_starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(per_chunk, 0)])
-        groups.append(Group(code, weight_base, table.to(device), chunk_starts.to(device), selected))
+        groups.append(
+            Group(code, weight_base, table.to(device), chunk_starts.to(device), selected, aligned)
+        )
     return groups, mask_base
 
 

@@ -68,6 +68,35 @@ def _retained(mask_bytes, mask_begin, offsets, valid):
 
 
 @triton.jit
+def _full_tile(weight_bits, mask_bytes, begin, mask_begin, offsets, WEIGHT_TYPE, ALIGNED):
+    """Raw bits and retained flags of a whole tile (no bounds test). With
+    ALIGNED the host has checked that every piece's weights start 16 bytes and
+    its mask bytes 16 bytes from 16-byte aligned bases, so the hints below let
+    the loads become 16-byte vector loads."""
+    if ALIGNED:
+        if WEIGHT_TYPE == 0:
+            begin = tl.multiple_of(begin, 4)
+        else:
+            begin = tl.multiple_of(begin, 8)
+    bits = tl.load(weight_bits + begin + offsets)
+    if mask_begin >= 0:
+        if ALIGNED:
+            mask_begin = tl.multiple_of(mask_begin, 16)
+        keep = tl.load(mask_bytes + mask_begin + offsets) != 0
+    else:
+        keep = tl.full(offsets.shape, 1, tl.int1)
+    return bits, keep
+
+
+@triton.jit
+def _tail_tile(weight_bits, mask_bytes, begin, mask_begin, offsets, length):
+    """Raw bits and retained flags of the last, partial tile of a piece."""
+    valid = offsets < length
+    bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
+    return bits, _retained(mask_bytes, mask_begin, offsets, valid)
+
+
+@triton.jit
 def _power(x, r, KIND: tl.constexpr, INT_EXPONENT: tl.constexpr):
     """x^r for x >= 0 in float32, with x = 0 giving 0.
 
@@ -120,6 +149,28 @@ def _power_f64(x, r):
 
 
 @triton.jit
+def _add_power_tile(
+    bits, keep, sums, p, q, safe_min, safe_max, WEIGHT_TYPE, P_KIND, Q_KIND, P_INT, Q_INT
+):
+    """Adds one tile to sums = (acc_p, acc_q, wide_p, wide_q, retained, nonfinite):
+    float32 lane accumulators, float64 scalars for tiles outside the safe range."""
+    acc_p, acc_q, wide_p, wide_q, retained, nonfinite = sums
+    magnitude = _magnitude(bits, WEIGHT_TYPE)
+    bad = keep & (magnitude.to(tl.int32, bitcast=True) >= 0x7F800000)
+    retained += keep.to(tl.int32)
+    nonfinite += bad.to(tl.int32)
+    magnitude = tl.where(keep & ~bad, magnitude, 0.0)
+    largest = tl.max(magnitude, axis=0)
+    if (largest > safe_max) | ((largest > 0.0) & (largest < safe_min)):
+        wide_p += tl.sum(_power_f64(magnitude, p), axis=0)
+        wide_q += tl.sum(_power_f64(magnitude, q), axis=0)
+    else:
+        acc_p += _power(magnitude, p, P_KIND, P_INT)
+        acc_q += _power(magnitude, q, Q_KIND, Q_INT)
+    return acc_p, acc_q, wide_p, wide_q, retained, nonfinite
+
+
+@triton.jit
 def power_sums_kernel(
     weight_bits,
     mask_bytes,
@@ -135,6 +186,7 @@ def power_sums_kernel(
     Q_KIND: tl.constexpr,
     P_INT: tl.constexpr,
     Q_INT: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """partials[piece] = (S_p, S_q, d, nonfinite) over one piece:
@@ -158,29 +210,52 @@ def power_sums_kernel(
         length = tl.load(row + 1)
         mask_begin = tl.load(row + 2)
         piece = tl.load(row + 4)
-        acc_p = tl.zeros([BLOCK], tl.float32)
-        acc_q = tl.zeros([BLOCK], tl.float32)
-        wide_p = tl.full([], 0.0, tl.float64)
-        wide_q = tl.full([], 0.0, tl.float64)
-        retained = tl.zeros([BLOCK], tl.int32)
-        nonfinite = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, length, BLOCK):
-            offsets = start + lanes
-            valid = offsets < length
-            bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
-            keep = _retained(mask_bytes, mask_begin, offsets, valid)
-            magnitude = _magnitude(bits, WEIGHT_TYPE)
-            bad = keep & (magnitude.to(tl.int32, bitcast=True) >= 0x7F800000)
-            retained += keep.to(tl.int32)
-            nonfinite += bad.to(tl.int32)
-            magnitude = tl.where(keep & ~bad, magnitude, 0.0)
-            largest = tl.max(magnitude, axis=0)
-            if (largest > safe_max) | ((largest > 0.0) & (largest < safe_min)):
-                wide_p += tl.sum(_power_f64(magnitude, p), axis=0)
-                wide_q += tl.sum(_power_f64(magnitude, q), axis=0)
-            else:
-                acc_p += _power(magnitude, p, P_KIND, P_INT)
-                acc_q += _power(magnitude, q, Q_KIND, Q_INT)
+        sums = (
+            tl.zeros([BLOCK], tl.float32),
+            tl.zeros([BLOCK], tl.float32),
+            tl.full([], 0.0, tl.float64),
+            tl.full([], 0.0, tl.float64),
+            tl.zeros([BLOCK], tl.int32),
+            tl.zeros([BLOCK], tl.int32),
+        )
+        full_end = length // BLOCK * BLOCK
+        for start in range(0, full_end, BLOCK):
+            bits, keep = _full_tile(
+                weight_bits, mask_bytes, begin, mask_begin, start + lanes, WEIGHT_TYPE, ALIGNED
+            )
+            sums = _add_power_tile(
+                bits,
+                keep,
+                sums,
+                p,
+                q,
+                safe_min,
+                safe_max,
+                WEIGHT_TYPE,
+                P_KIND,
+                Q_KIND,
+                P_INT,
+                Q_INT,
+            )
+        if full_end < length:
+            bits, keep = _tail_tile(
+                weight_bits, mask_bytes, begin, mask_begin, full_end + lanes, length
+            )
+            sums = _add_power_tile(
+                bits,
+                keep,
+                sums,
+                p,
+                q,
+                safe_min,
+                safe_max,
+                WEIGHT_TYPE,
+                P_KIND,
+                Q_KIND,
+                P_INT,
+                Q_INT,
+            )
+        acc_p, acc_q, wide_p, wide_q, retained, nonfinite = sums
         out = partials + piece * 4
         tl.store(out, tl.sum(acc_p.to(tl.float64), axis=0) + wide_p)
         tl.store(out + 1, tl.sum(acc_q.to(tl.float64), axis=0) + wide_q)
@@ -212,6 +287,22 @@ def reduce_partials_kernel(partials, unit_starts, out, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _add_digits(bits, keep, prefix, bins, ones, WEIGHT_TYPE, KEY_BITS, PASS_INDEX):
+    """bins[digit] += 1 for each retained key of the tile (pass 1: only keys
+    whose high 16 bits equal prefix)."""
+    key = _key(bits, WEIGHT_TYPE, KEY_BITS)
+    if PASS_INDEX == 0:
+        if KEY_BITS == 32:
+            digit = key >> 16
+        else:
+            digit = key
+    else:
+        keep = keep & ((key >> 16) == prefix)
+        digit = key & 0xFFFF
+    tl.atomic_add(bins + digit, ones, mask=keep)
+
+
+@triton.jit
 def histogram_kernel(
     weight_bits,
     mask_bytes,
@@ -222,6 +313,7 @@ def histogram_kernel(
     WEIGHT_TYPE: tl.constexpr,
     KEY_BITS: tl.constexpr,
     PASS_INDEX: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """histogram[u, digit] += #{retained i in unit u with that digit}, where
@@ -240,21 +332,18 @@ def histogram_kernel(
         mask_begin = tl.load(row + 2)
         unit = tl.load(row + 3)
         prefix = tl.load(prefixes + unit).to(tl.int32)
-        for start in range(0, length, BLOCK):
-            offsets = start + lanes
-            valid = offsets < length
-            bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
-            keep = _retained(mask_bytes, mask_begin, offsets, valid)
-            key = _key(bits, WEIGHT_TYPE, KEY_BITS)
-            if PASS_INDEX == 0:
-                if KEY_BITS == 32:
-                    digit = key >> 16
-                else:
-                    digit = key
-            else:
-                keep = keep & ((key >> 16) == prefix)
-                digit = key & 0xFFFF
-            tl.atomic_add(histogram + unit * 65536 + digit, ones, mask=keep)
+        bins = histogram + unit * 65536
+        full_end = length // BLOCK * BLOCK
+        for start in range(0, full_end, BLOCK):
+            bits, keep = _full_tile(
+                weight_bits, mask_bytes, begin, mask_begin, start + lanes, WEIGHT_TYPE, ALIGNED
+            )
+            _add_digits(bits, keep, prefix, bins, ones, WEIGHT_TYPE, KEY_BITS, PASS_INDEX)
+        if full_end < length:
+            bits, keep = _tail_tile(
+                weight_bits, mask_bytes, begin, mask_begin, full_end + lanes, length
+            )
+            _add_digits(bits, keep, prefix, bins, ones, WEIGHT_TYPE, KEY_BITS, PASS_INDEX)
 
 
 @triton.jit
@@ -276,7 +365,7 @@ def rowwise_kth_kernel(
     higher digits equal the prefix chosen so far; the digit where the
     cumulative count reaches the remaining rank is appended to the prefix and
     the counts of smaller digits are added to `below`. nonfinite[row] counts
-    retained NaN/inf keys (found in the first pass)."""
+    retained NaN/inf keys (found in the first pass, which runs even when k = 0)."""
     index = tl.program_id(0)
     row = pieces + index * 5
     begin = tl.load(row)
@@ -296,8 +385,8 @@ def rowwise_kth_kernel(
     below = tl.full([], 0, tl.int64)
     remaining = k
     bad = tl.zeros([BLOCK], tl.int32)
-    if k > 0:
-        for level in tl.static_range(KEY_BITS // 8):
+    for level in tl.static_range(KEY_BITS // 8):
+        if (level == 0) | (k > 0):
             shift = KEY_BITS - 8 * (level + 1)
             counts = tl.zeros([256], tl.int32)
             for start in range(0, length, BLOCK):
@@ -317,11 +406,8 @@ def rowwise_kth_kernel(
             below += smaller
             remaining -= smaller
             prefix = (prefix << 8) | digit
-        tl.store(result + unit * 2, prefix.to(tl.int64))
-        tl.store(result + unit * 2 + 1, below)
-    else:
-        tl.store(result + unit * 2, tl.full([], -1, tl.int64))
-        tl.store(result + unit * 2 + 1, tl.full([], 0, tl.int64))
+    tl.store(result + unit * 2, tl.where(k > 0, prefix.to(tl.int64), -1))
+    tl.store(result + unit * 2 + 1, tl.where(k > 0, below, 0))
     tl.store(nonfinite + unit, tl.sum(bad, axis=0))
 
 
@@ -336,6 +422,7 @@ def count_equal_kernel(
     equal_counts,
     WEIGHT_TYPE: tl.constexpr,
     KEY_BITS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """equal_counts[piece] = #{retained i in piece : key_i == threshold_keys[unit]},
@@ -355,13 +442,19 @@ def count_equal_kernel(
         threshold = tl.load(threshold_keys + unit)
         equal = tl.zeros([BLOCK], tl.int32)
         if (threshold >= 0) & (tl.load(remove_equal + unit) > 0):
-            for start in range(0, length, BLOCK):
-                offsets = start + lanes
-                valid = offsets < length
-                bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
-                keep = _retained(mask_bytes, mask_begin, offsets, valid)
-                key = _key(bits, WEIGHT_TYPE, KEY_BITS)
-                equal += (keep & (key.to(tl.int64) == threshold)).to(tl.int32)
+            full_end = length // BLOCK * BLOCK
+            for start in range(0, full_end, BLOCK):
+                bits, keep = _full_tile(
+                    weight_bits, mask_bytes, begin, mask_begin, start + lanes, WEIGHT_TYPE, ALIGNED
+                )
+                key = _key(bits, WEIGHT_TYPE, KEY_BITS).to(tl.int64)
+                equal += (keep & (key == threshold)).to(tl.int32)
+            if full_end < length:
+                bits, keep = _tail_tile(
+                    weight_bits, mask_bytes, begin, mask_begin, full_end + lanes, length
+                )
+                key = _key(bits, WEIGHT_TYPE, KEY_BITS).to(tl.int64)
+                equal += (keep & (key == threshold)).to(tl.int32)
         tl.store(equal_counts + piece, tl.sum(equal, axis=0).to(tl.int64))
 
 
@@ -410,26 +503,35 @@ def prune_kernel(
             equal = keep & (key == threshold) & active
             rank = seen + tl.cumsum(equal.to(tl.int64), axis=0) - 1
             removed = active & ((key < threshold) | (equal & (rank < quota)))
-            tl.store(out_bytes + out_begin + offsets, (keep & ~removed).to(tl.int8), mask=valid)
+            tl.store(out_bytes + out_begin + offsets, (keep & ~removed).to(tl.uint8), mask=valid)
             seen += tl.sum(equal.to(tl.int64), axis=0)
 
 
 @triton.jit
-def apply_masks_kernel(weight_bits, mask_bytes, pieces, chunk_starts, BLOCK: tl.constexpr):
+def apply_masks_kernel(
+    weight_bits, mask_bytes, pieces, chunk_starts, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
+):
     """w_i = +0 where m_i is False (the weight bits are overwritten, so a NaN
     that was pruned cannot survive as it would with w * m). Reads only masks."""
     chunk = tl.program_id(0)
     first = tl.load(chunk_starts + chunk)
     last = tl.load(chunk_starts + chunk + 1)
     lanes = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], weight_bits.dtype.element_ty)
     for index in range(first, last):
         row = pieces + index * 5
         begin = tl.load(row)
         length = tl.load(row + 1)
         mask_begin = tl.load(row + 2)
-        for start in range(0, length, BLOCK):
+        if ALIGNED:
+            mask_begin = tl.multiple_of(mask_begin, 16)
+        full_end = length // BLOCK * BLOCK
+        for start in range(0, full_end, BLOCK):
             offsets = start + lanes
+            keep = tl.load(mask_bytes + mask_begin + offsets)
+            tl.store(weight_bits + begin + offsets, zero, mask=keep == 0)
+        if full_end < length:
+            offsets = full_end + lanes
             valid = offsets < length
             keep = tl.load(mask_bytes + mask_begin + offsets, mask=valid, other=1)
-            zero = tl.zeros([BLOCK], weight_bits.dtype.element_ty)
             tl.store(weight_bits + begin + offsets, zero, mask=valid & (keep == 0))

@@ -89,7 +89,7 @@ def _masked_power_sums(
             WEIGHT_TYPE=group.weight_type, P_KIND=_power_kind(p), Q_KIND=_power_kind(q),
             P_INT=int(p) if _power_kind(p) == kernels.POW_INT else 0,
             Q_INT=int(q) if _power_kind(q) == kernels.POW_INT else 0,
-            BLOCK=BLOCK,
+            ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
     bad = first_bad_tensor(partials[:, 3], pieces)
     if bad is not None:
@@ -131,7 +131,8 @@ def _magnitude_histogram(
     for group in groups:
         wrap_triton(kernels.histogram_kernel)[(group.num_chunks,)](
             group.weight_base, mask_base, group.table, group.chunk_starts, prefixes, histogram,
-            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, PASS_INDEX=pass_index, BLOCK=BLOCK,
+            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, PASS_INDEX=pass_index,
+            ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
     return histogram
 
@@ -199,7 +200,7 @@ def _prune_masks(
         wrap_triton(kernels.count_equal_kernel)[(group.num_chunks,)](
             group.weight_base, mask_base, group.table, group.chunk_starts, threshold_keys,
             remove_equal, equal_counts,
-            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=BLOCK,
+            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
     # Equal keys before each piece within its unit: an exclusive scan over the
     # pieces in global order, restarted at each unit's first piece.
@@ -245,8 +246,9 @@ def _apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
     groups, mask_base = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     for group in groups:
         wrap_triton(kernels.apply_masks_kernel)[(group.num_chunks,)](
-            group.weight_base, mask_base, group.table, group.chunk_starts, BLOCK=BLOCK
-        )
+            group.weight_base, mask_base, group.table, group.chunk_starts,
+            ALIGNED=group.aligned, BLOCK=BLOCK,
+        )  # fmt: skip
     for w, t in zip(weights, targets):
         if t is not w:
             w.copy_(t)
