@@ -196,7 +196,8 @@ def make_groups(
         tensor = pieces.tensor[selected]
         begin = pieces.begin[selected]
         mask_offset = mask_offsets[tensor]
-        mask_begin = torch.where(mask_offset >= 0, mask_offset + begin, -1)
+        # -16 (< 0, and a multiple of 16 like every aligned offset): no mask.
+        mask_begin = torch.where(mask_offset >= 0, mask_offset + begin, -16)
         table = torch.stack(
             [
                 offsets[tensor] + begin,

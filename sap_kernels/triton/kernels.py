@@ -6,7 +6,7 @@ Every kernel walks a *piece table*: int64 rows of `PIECE_COLUMNS` entries
 
 where `begin` is the element offset of the piece from the one base pointer of
 its dtype group, `mask_begin` the byte offset from the masks' base pointer (or
--1 when the tensor has no mask: all retained), `unit` the pruning unit the
+-16 when the tensor has no mask: all retained), `unit` the pruning unit the
 whole piece belongs to and `piece` its index in the op's global piece order
 (tensor order, then flat order). Program `c` handles the pieces
 `chunk_starts[c] .. chunk_starts[c + 1]`, so thousands of tiny tensors share
@@ -68,20 +68,11 @@ def _retained(mask_bytes, mask_begin, offsets, valid):
 
 
 @triton.jit
-def _full_tile(weight_bits, mask_bytes, begin, mask_begin, offsets, WEIGHT_TYPE, ALIGNED):
-    """Raw bits and retained flags of a whole tile (no bounds test). With
-    ALIGNED the host has checked that every piece's weights start 16 bytes and
-    its mask bytes 16 bytes from 16-byte aligned bases, so the hints below let
-    the loads become 16-byte vector loads."""
-    if ALIGNED:
-        if WEIGHT_TYPE == 0:
-            begin = tl.multiple_of(begin, 4)
-        else:
-            begin = tl.multiple_of(begin, 8)
+def _full_tile(weight_bits, mask_bytes, begin, mask_begin, offsets):
+    """Raw bits and retained flags of a whole tile (no bounds test, so with the
+    callers' alignment hints the loads can become 16-byte vector loads)."""
     bits = tl.load(weight_bits + begin + offsets)
     if mask_begin >= 0:
-        if ALIGNED:
-            mask_begin = tl.multiple_of(mask_begin, 16)
         keep = tl.load(mask_bytes + mask_begin + offsets) != 0
     else:
         keep = tl.full(offsets.shape, 1, tl.int1)
@@ -209,6 +200,13 @@ def power_sums_kernel(
         begin = tl.load(row)
         length = tl.load(row + 1)
         mask_begin = tl.load(row + 2)
+        if ALIGNED:  # the host checked: weights and mask bytes start 16-byte aligned
+            # (hints must sit where the value is loaded: on an argument they are lost)
+            if WEIGHT_TYPE == 0:
+                begin = tl.multiple_of(begin, 4)
+            else:
+                begin = tl.multiple_of(begin, 8)
+            mask_begin = tl.multiple_of(mask_begin, 16)
         piece = tl.load(row + 4)
         sums = (
             tl.zeros([BLOCK], tl.float32),
@@ -220,9 +218,7 @@ def power_sums_kernel(
         )
         full_end = length // BLOCK * BLOCK
         for start in range(0, full_end, BLOCK):
-            bits, keep = _full_tile(
-                weight_bits, mask_bytes, begin, mask_begin, start + lanes, WEIGHT_TYPE, ALIGNED
-            )
+            bits, keep = _full_tile(weight_bits, mask_bytes, begin, mask_begin, start + lanes)
             sums = _add_power_tile(
                 bits,
                 keep,
@@ -330,14 +326,19 @@ def histogram_kernel(
         begin = tl.load(row)
         length = tl.load(row + 1)
         mask_begin = tl.load(row + 2)
+        if ALIGNED:  # the host checked: weights and mask bytes start 16-byte aligned
+            # (hints must sit where the value is loaded: on an argument they are lost)
+            if WEIGHT_TYPE == 0:
+                begin = tl.multiple_of(begin, 4)
+            else:
+                begin = tl.multiple_of(begin, 8)
+            mask_begin = tl.multiple_of(mask_begin, 16)
         unit = tl.load(row + 3)
         prefix = tl.load(prefixes + unit).to(tl.int32)
         bins = histogram + unit * 65536
         full_end = length // BLOCK * BLOCK
         for start in range(0, full_end, BLOCK):
-            bits, keep = _full_tile(
-                weight_bits, mask_bytes, begin, mask_begin, start + lanes, WEIGHT_TYPE, ALIGNED
-            )
+            bits, keep = _full_tile(weight_bits, mask_bytes, begin, mask_begin, start + lanes)
             _add_digits(bits, keep, prefix, bins, ones, WEIGHT_TYPE, KEY_BITS, PASS_INDEX)
         if full_end < length:
             bits, keep = _tail_tile(
@@ -437,6 +438,13 @@ def count_equal_kernel(
         begin = tl.load(row)
         length = tl.load(row + 1)
         mask_begin = tl.load(row + 2)
+        if ALIGNED:  # the host checked: weights and mask bytes start 16-byte aligned
+            # (hints must sit where the value is loaded: on an argument they are lost)
+            if WEIGHT_TYPE == 0:
+                begin = tl.multiple_of(begin, 4)
+            else:
+                begin = tl.multiple_of(begin, 8)
+            mask_begin = tl.multiple_of(mask_begin, 16)
         unit = tl.load(row + 3)
         piece = tl.load(row + 4)
         threshold = tl.load(threshold_keys + unit)
@@ -444,9 +452,7 @@ def count_equal_kernel(
         if (threshold >= 0) & (tl.load(remove_equal + unit) > 0):
             full_end = length // BLOCK * BLOCK
             for start in range(0, full_end, BLOCK):
-                bits, keep = _full_tile(
-                    weight_bits, mask_bytes, begin, mask_begin, start + lanes, WEIGHT_TYPE, ALIGNED
-                )
+                bits, keep = _full_tile(weight_bits, mask_bytes, begin, mask_begin, start + lanes)
                 key = _key(bits, WEIGHT_TYPE, KEY_BITS).to(tl.int64)
                 equal += (keep & (key == threshold)).to(tl.int32)
             if full_end < length:
