@@ -13,6 +13,7 @@ which have no data pointer to take offsets from (DESIGN.md §6); a per-tensor
 launch path for that case is future work.
 """
 
+import numpy as np
 import torch
 from torch.library import triton_op, wrap_triton
 
@@ -21,6 +22,7 @@ from ._pieces import (
     GLOBAL,
     LAYER,
     NEURON,
+    _base_and_offsets,
     bit_views,
     byte_views,
     check_inputs,
@@ -29,6 +31,8 @@ from ._pieces import (
     make_groups,
     make_pieces,
     rows_of,
+    to_device,
+    tracing,
 )
 
 # A piece holds at most PIECE_ELEMENTS weights (so a lane sums at most
@@ -74,9 +78,10 @@ def _masked_power_sums(
         raise ValueError(f"{op}: q must be finite and > p, got q={q} with p={p}")
     masks = check_inputs(op, weights, masks, scope)
     device = weights[0].device
+    trace = tracing(list(weights))
     bits, mask_bytes = bit_views(weights), byte_views(masks)
     pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
-    groups, mask_base = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     # Tiles whose largest |w| lies outside [2^(-100/q), 2^(100/q)] are summed
     # in float64 (their float32 powers could overflow or underflow).
     safe_max = min(2.0 ** (100.0 / q), FLOAT32_MAX)
@@ -84,7 +89,7 @@ def _masked_power_sums(
     partials = torch.zeros((pieces.count, 4), dtype=torch.float64, device=device)
     for group in groups:
         wrap_triton(kernels.power_sums_kernel)[(group.num_chunks,)](
-            group.weight_base, mask_base, group.table, group.chunk_starts, partials,
+            group.weight_base, group.mask_base, group.table, group.chunk_starts, partials,
             p, q, safe_min, safe_max,
             WEIGHT_TYPE=group.weight_type, P_KIND=_power_kind(p), Q_KIND=_power_kind(q),
             P_INT=int(p) if _power_kind(p) == kernels.POW_INT else 0,
@@ -97,7 +102,7 @@ def _masked_power_sums(
     out = torch.empty((pieces.num_units, 3), dtype=torch.float64, device=device)
     if pieces.num_units > 0:
         wrap_triton(kernels.reduce_partials_kernel)[(pieces.num_units,)](
-            partials, pieces.unit_starts.to(device), out, BLOCK=REDUCE_BLOCK
+            partials, to_device(pieces.unit_starts, device, trace), out, BLOCK=REDUCE_BLOCK
         )
     return out
 
@@ -125,12 +130,13 @@ def _magnitude_histogram(
         raise ValueError(
             f"{op}: prefixes has {prefixes.numel()} entries for {pieces.num_units} units"
         )
-    groups, mask_base = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     histogram = torch.zeros((pieces.num_units, 65536), dtype=torch.int64, device=device)
     prefixes = prefixes.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
         wrap_triton(kernels.histogram_kernel)[(group.num_chunks,)](
-            group.weight_base, mask_base, group.table, group.chunk_starts, prefixes, histogram,
+            group.weight_base, group.mask_base, group.table, group.chunk_starts, prefixes,
+            histogram,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, PASS_INDEX=pass_index,
             ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
@@ -148,25 +154,26 @@ def _rowwise_kth_key(
     masks = check_inputs(op, weights, masks, NEURON)
     check_key_bits(op, weights, key_bits)
     device = weights[0].device
+    trace = tracing(list(weights))
     bits, mask_bytes = bit_views(weights), byte_views(masks)
     longest_row = max(max(w.numel() // max(rows_of(w), 1), 1) for w in weights)
     pieces = make_pieces(weights, NEURON, longest_row)  # one piece per non-empty row
     if ks.numel() != pieces.num_units:
         raise ValueError(f"{op}: ks has {ks.numel()} entries for {pieces.num_units} rows")
-    groups, mask_base = make_groups(weights, bits, mask_bytes, pieces, 1, device)
+    groups = make_groups(weights, bits, mask_bytes, pieces, 1, device)
     result = torch.tensor([-1, 0], dtype=torch.int64, device=device).repeat(pieces.num_units, 1)
     nonfinite = torch.zeros(pieces.num_units, dtype=torch.int32, device=device)
     ks = ks.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
         wrap_triton(kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
-            group.weight_base, mask_base, group.table, ks, result, nonfinite,
+            group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
-    # One piece per non-empty row, so a row's piece index is found by its unit.
-    bad_rows = (nonfinite.cpu() > 0).nonzero()
-    if bad_rows.numel() > 0:
-        row = int(bad_rows[0, 0])
-        raise _nonfinite_error(op, int(pieces.tensor[int((pieces.unit == row).nonzero()[0, 0])]))
+    if not trace:
+        bad_rows = (nonfinite.cpu() > 0).nonzero()
+        if bad_rows.numel() > 0:  # one piece per non-empty row: find the row's piece
+            piece = int(np.searchsorted(pieces.unit, int(bad_rows[0, 0])))
+            raise _nonfinite_error(op, int(pieces.tensor[piece]))
     return result
 
 
@@ -183,6 +190,7 @@ def _prune_masks(
     masks = check_inputs(op, weights, masks, scope)
     check_key_bits(op, weights, key_bits)
     device = weights[0].device
+    trace = tracing(list(weights))
     bits, mask_bytes = bit_views(weights), byte_views(masks)
     pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
     for name, values in (("threshold_keys", threshold_keys), ("remove_equal", remove_equal)):
@@ -190,44 +198,40 @@ def _prune_masks(
             raise ValueError(
                 f"{op}: {name} has {values.numel()} entries for {pieces.num_units} units"
             )
-    groups, mask_base = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     outputs = [torch.empty(w.shape, dtype=torch.bool, device=device) for w in weights]
-    out_base, out_offsets = _output_base(outputs)
+    out_views = [o.view(torch.uint8).reshape(-1) for o in outputs]
     threshold_keys = threshold_keys.to(device=device, dtype=torch.int64).contiguous()
     remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
     equal_counts = torch.zeros(pieces.count, dtype=torch.int64, device=device)
     for group in groups:
         wrap_triton(kernels.count_equal_kernel)[(group.num_chunks,)](
-            group.weight_base, mask_base, group.table, group.chunk_starts, threshold_keys,
+            group.weight_base, group.mask_base, group.table, group.chunk_starts, threshold_keys,
             remove_equal, equal_counts,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
     # Equal keys before each piece within its unit: an exclusive scan over the
     # pieces in global order, restarted at each unit's first piece.
     before = torch.cumsum(equal_counts, 0) - equal_counts
-    unit_first = pieces.unit_starts[:-1].clamp(max=max(pieces.count - 1, 0)).to(device)
-    equal_before = before - before[unit_first][pieces.unit.to(device)] if pieces.count else before
+    unit_first_piece = pieces.unit_starts[pieces.unit]
+    equal_before = before - before[to_device(unit_first_piece, device, trace)]
     for group in groups:
+        # The group's outputs are addressed like its weights: from the
+        # lowest-addressed output of the group (or the one output when tracing).
+        if trace:
+            out_base, out_offsets = out_views[group.members[0]], np.zeros(len(weights), np.int64)
+        else:
+            out_base, out_offsets = _base_and_offsets(
+                [out_views[i] if i in group.members else None for i in range(len(weights))]
+            )
         out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
         wrap_triton(kernels.prune_kernel)[(group.num_chunks,)](
-            group.weight_base, mask_base, out_base, group.table, out_begins.to(device),
+            group.weight_base, group.mask_base, out_base, group.table,
+            to_device(out_begins, device, trace),
             group.chunk_starts, threshold_keys, remove_equal, equal_before,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=BLOCK,
         )  # fmt: skip
     return outputs
-
-
-def _output_base(outputs):
-    """Byte views of the new masks, their lowest-addressed one and offsets."""
-    views = [o.view(torch.uint8).reshape(-1) for o in outputs]
-    present = [i for i, v in enumerate(views) if v.numel() > 0]
-    offsets = torch.zeros(len(views), dtype=torch.int64)
-    if not present:
-        return views[0], offsets
-    base = min(present, key=lambda i: views[i].data_ptr())
-    for i in present:
-        offsets[i] = views[i].data_ptr() - views[base].data_ptr()
-    return views[base], offsets
 
 
 @triton_op("sap_kernels::triton_apply_masks_", mutates_args={"weights"})
@@ -243,10 +247,10 @@ def _apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
     bits = bit_views(targets)
     mask_bytes = byte_views(masks)
     pieces = make_pieces(targets, GLOBAL, PIECE_ELEMENTS)
-    groups, mask_base = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    groups = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     for group in groups:
         wrap_triton(kernels.apply_masks_kernel)[(group.num_chunks,)](
-            group.weight_base, mask_base, group.table, group.chunk_starts,
+            group.weight_base, group.mask_base, group.table, group.chunk_starts,
             ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
     for w, t in zip(weights, targets):
