@@ -25,9 +25,8 @@ void check_launch(cudaError_t error, const char* op) {
   TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
 }
 
-void check_on_cuda(const ShardTable& table, at::TensorList weights, const char* op) {
+void check_on_cuda(at::TensorList weights, const char* op) {
   TORCH_CHECK_VALUE(weights[0].is_cuda(), op, ": expected CUDA tensors, got ", weights[0].device());
-  (void)table;
 }
 
 // Pieces of at most `max_piece` elements, each inside one unit (one tensor in
@@ -48,10 +47,12 @@ HostPieces make_pieces(const ShardTable& table, int64_t scope, int64_t max_piece
     const int64_t unit_length = scope == kNeuron ? shard.row_length : shard.numel;
     for (int64_t unit_begin = 0; unit_begin < shard.numel; unit_begin += unit_length) {
       const int64_t unit = shard.first_unit + (scope == kNeuron ? unit_begin / unit_length : 0);
-      for (int64_t begin = unit_begin; begin < unit_begin + unit_length; begin += max_piece) {
-        const int64_t length = std::min(max_piece, unit_begin + unit_length - begin);
-        pieces.segments.push_back(Segment{begin, length, static_cast<int32_t>(s)});
+      // offset + length never exceeds unit_length, so max_piece may be INT64_MAX.
+      for (int64_t offset = 0; offset < unit_length;) {
+        const int64_t length = std::min(max_piece, unit_length - offset);
+        pieces.segments.push_back(Segment{unit_begin + offset, length, static_cast<int32_t>(s)});
         piece_unit.push_back(unit);
+        offset += length;
       }
     }
   }
@@ -83,7 +84,7 @@ class DeviceTables {
     device_ = host.to(device);
   }
   template <class T>
-  T* at(size_t offset) const {
+  T* pointer(size_t offset) const {
     return reinterpret_cast<T*>(device_.data_ptr<uint8_t>() + offset);
   }
 
@@ -101,7 +102,7 @@ struct Launch {
 
 PieceTable piece_table(const DeviceTables& tables, size_t shards, size_t segments,
                        const HostPieces& pieces, int64_t scope) {
-  return PieceTable{tables.at<const Shard>(shards), tables.at<const Segment>(segments),
+  return PieceTable{tables.pointer<const Shard>(shards), tables.pointer<const Segment>(segments),
                     int64_t(pieces.segments.size()), int32_t(scope)};
 }
 
@@ -123,7 +124,7 @@ at::Tensor masked_power_sums_cuda(at::TensorList weights, const OptionalTensors&
   TORCH_CHECK_VALUE(std::isfinite(q) && q > p, op, ": q must be finite and > p, got q=", q,
                     " with p=", p);
   const ShardTable table = make_shard_table(weights, masks, scope, op);
-  check_on_cuda(table, weights, op);
+  check_on_cuda(weights, op);
   const at::Device device = weights[0].device();
   Launch launch(device);
   const HostPieces pieces = make_pieces(table, scope, kPowerSumsPiece);
@@ -142,7 +143,7 @@ at::Tensor masked_power_sums_cuda(at::TensorList weights, const OptionalTensors&
   at::Tensor counts = at::zeros({std::max<int64_t>(count, 1), 2}, options.dtype(at::kLong));
   at::Tensor out = at::empty({table.num_units, 3}, options.dtype(at::kDouble));
   check_launch(launch_power_sums(piece_table(tables, shards, segments, pieces, scope), plan,
-                                 tables.at<const int64_t>(unit_starts), table.num_units,
+                                 tables.pointer<const int64_t>(unit_starts), table.num_units,
                                  partials.data_ptr<double>(),
                                  reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
                                  out.data_ptr<double>(), launch.stream),
@@ -162,7 +163,7 @@ at::Tensor magnitude_histogram_cuda(at::TensorList weights, const OptionalTensor
                                     int64_t pass_index) {
   constexpr const char* op = "magnitude_histogram";
   const ShardTable table = make_shard_table(weights, masks, scope, op);
-  check_on_cuda(table, weights, op);
+  check_on_cuda(weights, op);
   TORCH_CHECK_VALUE(scope == kGlobal || scope == kLayer, op,
                     ": scope must be 0 (global) or 1 (layer), got ", scope);
   check_key_bits(table, key_bits, op);
@@ -191,7 +192,7 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
                                 int64_t key_bits, const at::Tensor& ks) {
   constexpr const char* op = "rowwise_kth_key";
   const ShardTable table = make_shard_table(weights, masks, kNeuron, op);
-  check_on_cuda(table, weights, op);
+  check_on_cuda(weights, op);
   check_key_bits(table, key_bits, op);
   TORCH_CHECK_VALUE(ks.numel() == table.num_units, op, ": ks has ", ks.numel(), " entries for ",
                     table.num_units, " rows");
@@ -230,7 +231,7 @@ std::vector<at::Tensor> prune_masks_cuda(at::TensorList weights, const OptionalT
                                          const at::Tensor& remove_equal) {
   constexpr const char* op = "prune_masks";
   const ShardTable table = make_shard_table(weights, masks, scope, op);
-  check_on_cuda(table, weights, op);
+  check_on_cuda(weights, op);
   check_key_bits(table, key_bits, op);
   TORCH_CHECK_VALUE(threshold_keys.numel() == table.num_units, op, ": threshold_keys has ",
                     threshold_keys.numel(), " entries for ", table.num_units, " units");
@@ -263,12 +264,12 @@ std::vector<at::Tensor> prune_masks_cuda(at::TensorList weights, const OptionalT
   // Equal keys before each piece inside its unit: an exclusive scan (integer,
   // so deterministic) restarted at each unit's first piece.
   const at::Tensor exclusive = at::cumsum(equal_counts, 0) - equal_counts;
-  const at::Tensor first = at::from_blob(tables.at<int64_t>(first_piece), {count},
+  const at::Tensor first = at::from_blob(tables.pointer<int64_t>(first_piece), {count},
                                          weights[0].options().dtype(at::kLong));
   const at::Tensor equal_before = (exclusive - exclusive.index_select(0, first)).contiguous();
   check_launch(launch_prune_masks(pieces_on_device, int(key_bits), thresholds.data_ptr<int64_t>(),
                                   quotas.data_ptr<int64_t>(), equal_before.data_ptr<int64_t>(),
-                                  tables.at<uint8_t* const>(output_table), launch.stream),
+                                  tables.pointer<uint8_t* const>(output_table), launch.stream),
                op);
   return outputs;
 }
@@ -285,7 +286,7 @@ void apply_masks_cuda(at::TensorList weights, at::TensorList masks) {
     mask_list.push_back(masks[i]);
   }
   const ShardTable table = make_shard_table(targets, mask_list, kGlobal, op);
-  check_on_cuda(table, weights, op);
+  check_on_cuda(weights, op);
   const at::Device device = weights[0].device();
   Launch launch(device);
   const HostPieces pieces = make_pieces(table, kGlobal, kPrunePiece);
