@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import kernels  # noqa: E402
+from . import kernels, select_kernels  # noqa: E402
 
 I64 = "*i64"
 BITS = {kernels.FLOAT32: "*i32", kernels.BFLOAT16: "*i16", kernels.FLOAT16: "*i16"}
@@ -49,34 +49,34 @@ def _variants():
         key_bits = 32 if weight_type == kernels.FLOAT32 else 16
         yield (
             f"histogram[{weight_type}]",
-            kernels.histogram_kernel,
+            select_kernels.histogram_kernel,
             {**common, "chunk_starts": I64, "prefixes": I64, "histogram": I64},
             {"WEIGHT_TYPE": weight_type, "KEY_BITS": key_bits, "PASS_INDEX": 0,
              "ALIGNED": True, "BLOCK": 1024},
         )  # fmt: skip
         yield (
             f"rowwise_kth[{weight_type}]",
-            kernels.rowwise_kth_kernel,
+            select_kernels.rowwise_kth_kernel,
             {**common, "ks": I64, "result": I64, "nonfinite": "*i32"},
             {"WEIGHT_TYPE": weight_type, "KEY_BITS": 32, "BLOCK": 1024},
         )
         yield (
             f"count_equal[{weight_type}]",
-            kernels.count_equal_kernel,
+            select_kernels.count_equal_kernel,
             {**common, "chunk_starts": I64, "threshold_keys": I64, "remove_equal": I64,
              "equal_counts": I64},
             {"WEIGHT_TYPE": weight_type, "KEY_BITS": key_bits, "ALIGNED": True, "BLOCK": 1024},
         )  # fmt: skip
         yield (
             f"prune[{weight_type}]",
-            kernels.prune_kernel,
+            select_kernels.prune_kernel,
             {**common, "out_bytes": "*u8", "out_begins": I64, "chunk_starts": I64,
              "threshold_keys": I64, "remove_equal": I64, "equal_before": I64},
             {"WEIGHT_TYPE": weight_type, "KEY_BITS": key_bits, "BLOCK": 1024},
         )  # fmt: skip
         yield (
             f"apply_masks[{weight_type}]",
-            kernels.apply_masks_kernel,
+            select_kernels.apply_masks_kernel,
             {**common, "chunk_starts": I64},
             {"ALIGNED": True, "BLOCK": 1024},
         )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import kernels
+from . import kernels, select_kernels
 from ._pieces import (
     GLOBAL,
     LAYER,
@@ -134,7 +134,7 @@ def _magnitude_histogram(
     histogram = torch.zeros((pieces.num_units, 65536), dtype=torch.int64, device=device)
     prefixes = prefixes.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
-        wrap_triton(kernels.histogram_kernel)[(group.num_chunks,)](
+        wrap_triton(select_kernels.histogram_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, prefixes,
             histogram,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, PASS_INDEX=pass_index,
@@ -165,7 +165,7 @@ def _rowwise_kth_key(
     nonfinite = torch.zeros(pieces.num_units, dtype=torch.int32, device=device)
     ks = ks.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
-        wrap_triton(kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
+        wrap_triton(select_kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
             group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
@@ -205,7 +205,7 @@ def _prune_masks(
     remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
     equal_counts = torch.zeros(pieces.count, dtype=torch.int64, device=device)
     for group in groups:
-        wrap_triton(kernels.count_equal_kernel)[(group.num_chunks,)](
+        wrap_triton(select_kernels.count_equal_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, threshold_keys,
             remove_equal, equal_counts,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=group.aligned, BLOCK=BLOCK,
@@ -225,7 +225,7 @@ def _prune_masks(
                 [out_views[i] if i in group.members else None for i in range(len(weights))]
             )
         out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
-        wrap_triton(kernels.prune_kernel)[(group.num_chunks,)](
+        wrap_triton(select_kernels.prune_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, out_base, group.table,
             to_device(out_begins, device, trace),
             group.chunk_starts, threshold_keys, remove_equal, equal_before,
@@ -249,7 +249,7 @@ def _apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
     pieces = make_pieces(targets, GLOBAL, PIECE_ELEMENTS)
     groups = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     for group in groups:
-        wrap_triton(kernels.apply_masks_kernel)[(group.num_chunks,)](
+        wrap_triton(select_kernels.apply_masks_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts,
             ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
