@@ -194,18 +194,22 @@ class Group:
         return int(self.table.shape[0])
 
 
-def make_groups(weights, bits, mask_bytes, pieces: Pieces, chunk_elements: int, device):
+def make_groups(
+    weights, bits, mask_bytes, pieces: Pieces, chunk_elements: int, device, skip=frozenset()
+):
     """The launch groups: one per dtype present (addresses are offsets from the
     group's lowest-addressed tensor), or one per tensor when tracing (no data
     pointers to take offsets from). A dummy 16-byte mask base stands in where
-    no mask is given; every mask_begin is then -16."""
+    no mask is given; every mask_begin is then -16. Tensors in `skip` are left
+    out (another kernel handles them)."""
     trace = tracing(list(weights))
     dummy = torch.ones(16, dtype=torch.uint8, device=device)
+    kept = [i for i, w in enumerate(weights) if w.numel() > 0 and i not in skip]
     if trace:
-        member_lists = [[i] for i, w in enumerate(weights) if w.numel() > 0]
+        member_lists = [[i] for i in kept]
     else:
-        member_lists = [[i for i, w in enumerate(weights) if w.dtype == d] for d in TYPE_CODES]
-        member_lists = [m for m in member_lists if any(weights[i].numel() > 0 for i in m)]
+        member_lists = [[i for i in kept if weights[i].dtype == d] for d in TYPE_CODES]
+        member_lists = [m for m in member_lists if m]
         shared_mask_base, shared_mask_offsets = _base_and_offsets(mask_bytes)
     groups = []
     for members in member_lists:

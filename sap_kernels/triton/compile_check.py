@@ -81,6 +81,21 @@ def _variants():
             {"ALIGNED": True, "BLOCK": 1024},
         )
     yield (
+        "short_rows_power_sums",
+        kernels.short_rows_power_sums_kernel,
+        {"weight_bits": "*i16", "mask_bytes": "*u8", "mask_begin": "i64", "num_rows": "i64",
+         "row_length": "i64", "first_piece": "i64", "partials": "*fp64", "p": "fp32", "q": "fp32",
+         "safe_min": "fp32", "safe_max": "fp32"},
+        {"WEIGHT_TYPE": kernels.BFLOAT16, "P_KIND": kernels.POW_HALF, "Q_KIND": kernels.POW_ONE,
+         "P_INT": 0, "Q_INT": 0, "ROWS": 16, "COLUMNS": 256},
+    )  # fmt: skip
+    yield (
+        "reduce_many_units",
+        kernels.reduce_many_units_kernel,
+        {"partials": "*fp64", "unit_starts": I64, "out": "*fp64", "num_units": "i64"},
+        {"UNITS": 1024},
+    )
+    yield (
         "reduce_partials",
         kernels.reduce_partials_kernel,
         {"partials": "*fp64", "unit_starts": I64, "out": "*fp64"},

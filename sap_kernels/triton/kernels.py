@@ -260,6 +260,57 @@ def power_sums_kernel(
 
 
 @triton.jit
+def short_rows_power_sums_kernel(
+    weight_bits,
+    mask_bytes,
+    mask_begin,
+    num_rows,
+    row_length,
+    first_piece,
+    partials,
+    p,
+    q,
+    safe_min,
+    safe_max,
+    WEIGHT_TYPE: tl.constexpr,
+    P_KIND: tl.constexpr,
+    Q_KIND: tl.constexpr,
+    P_INT: tl.constexpr,
+    Q_INT: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLUMNS: tl.constexpr,
+):
+    """Neuron scope, one tensor with rows of row_length <= COLUMNS weights:
+    partials[first_piece + r] = (S_p, S_q, d, nonfinite) of row r, for ROWS rows
+    per program as a [ROWS, COLUMNS] tile (one piece per row would cost a loop
+    iteration per row). Each row's powers are summed in float64; a tile whose
+    largest magnitude is outside [safe_min, safe_max] takes float64 powers.
+    mask_begin is 0, or -16 when the tensor has no mask."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    columns = tl.arange(0, COLUMNS)
+    valid = (rows[:, None] < num_rows) & (columns[None, :] < row_length)
+    offsets = rows[:, None].to(tl.int64) * row_length + columns[None, :]
+    bits = tl.load(weight_bits + offsets, mask=valid, other=0)
+    keep = _retained(mask_bytes, mask_begin, offsets, valid)
+    magnitude = _magnitude(bits, WEIGHT_TYPE)
+    bad = keep & (magnitude.to(tl.int32, bitcast=True) >= 0x7F800000)
+    magnitude = tl.where(keep & ~bad, magnitude, 0.0)
+    largest = tl.max(tl.max(magnitude, axis=1), axis=0)
+    if (largest > safe_max) | ((largest > 0.0) & (largest < safe_min)):
+        sum_p = tl.sum(_power_f64(magnitude, p), axis=1)
+        sum_q = tl.sum(_power_f64(magnitude, q), axis=1)
+    else:
+        sum_p = tl.sum(_power(magnitude, p, P_KIND, P_INT).to(tl.float64), axis=1)
+        sum_q = tl.sum(_power(magnitude, q, Q_KIND, Q_INT).to(tl.float64), axis=1)
+    out = partials + (first_piece + rows.to(tl.int64)) * 4
+    in_range = rows < num_rows
+    tl.store(out, sum_p, mask=in_range)
+    tl.store(out + 1, sum_q, mask=in_range)
+    tl.store(out + 2, tl.sum(keep.to(tl.int32), axis=1).to(tl.float64), mask=in_range)
+    tl.store(out + 3, tl.sum(bad.to(tl.int32), axis=1).to(tl.float64), mask=in_range)
+
+
+@triton.jit
 def reduce_partials_kernel(partials, unit_starts, out, BLOCK: tl.constexpr):
     """out[u] = sum of partials[j, 0:3] over the pieces j of unit u
     (unit_starts[u] <= j < unit_starts[u + 1]), in a fixed order: lane l adds
@@ -280,3 +331,25 @@ def reduce_partials_kernel(partials, unit_starts, out, BLOCK: tl.constexpr):
     tl.store(out + unit * 3, tl.sum(acc_p, axis=0))
     tl.store(out + unit * 3 + 1, tl.sum(acc_q, axis=0))
     tl.store(out + unit * 3 + 2, tl.sum(acc_d, axis=0))
+
+
+@triton.jit
+def reduce_many_units_kernel(partials, unit_starts, out, num_units, UNITS: tl.constexpr):
+    """As reduce_partials_kernel for UNITS units per program (neuron scope: most
+    units are one piece): unit u adds its pieces one after another in order."""
+    units = tl.program_id(0) * UNITS + tl.arange(0, UNITS)
+    in_range = units < num_units
+    first = tl.load(unit_starts + units, mask=in_range, other=0)
+    count = tl.load(unit_starts + units + 1, mask=in_range, other=0) - first
+    acc_p = tl.zeros([UNITS], tl.float64)
+    acc_q = tl.zeros([UNITS], tl.float64)
+    acc_d = tl.zeros([UNITS], tl.float64)
+    for j in range(0, tl.max(count, axis=0)):
+        take = in_range & (j < count)
+        index = first + j
+        acc_p += tl.load(partials + index * 4, mask=take, other=0.0)
+        acc_q += tl.load(partials + index * 4 + 1, mask=take, other=0.0)
+        acc_d += tl.load(partials + index * 4 + 2, mask=take, other=0.0)
+    tl.store(out + units * 3, acc_p, mask=in_range)
+    tl.store(out + units * 3 + 1, acc_q, mask=in_range)
+    tl.store(out + units * 3 + 2, acc_d, mask=in_range)

@@ -15,6 +15,7 @@ launch path for that case is future work.
 
 import numpy as np
 import torch
+import triton
 from torch.library import triton_op, wrap_triton
 
 from . import kernels, select_kernels
@@ -22,6 +23,7 @@ from ._pieces import (
     GLOBAL,
     LAYER,
     NEURON,
+    TYPE_CODES,
     _base_and_offsets,
     bit_views,
     byte_views,
@@ -41,6 +43,9 @@ PIECE_ELEMENTS = 1 << 15
 CHUNK_ELEMENTS = 1 << 16
 BLOCK = 1024
 REDUCE_BLOCK = 256
+# Neuron-scope rows this short are summed many rows per program (2-D tiles).
+SHORT_ROW = 1024
+SHORT_TILE = 4096  # weights per 2-D tile of short rows
 KTH_BLOCK = 1024
 FLOAT32_MAX = 3.0e38
 FLOAT32_TINY = 1.2e-38
@@ -81,28 +86,53 @@ def _masked_power_sums(
     trace = tracing(list(weights))
     bits, mask_bytes = bit_views(weights), byte_views(masks)
     pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
-    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    # Neuron scope, rows of at most SHORT_ROW weights: many rows per program.
+    short = {}
+    if scope == NEURON:
+        short = {i: n // rows_of(w) for i, w in enumerate(weights)
+                 if (n := w.numel()) > 0 and n // rows_of(w) <= SHORT_ROW}  # fmt: skip
+    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device, set(short))
     # Tiles whose largest |w| lies outside [2^(-100/q), 2^(100/q)] are summed
     # in float64 (their float32 powers could overflow or underflow).
     safe_max = min(2.0 ** (100.0 / q), FLOAT32_MAX)
     safe_min = max(2.0 ** (-100.0 / q), FLOAT32_TINY)
     partials = torch.zeros((pieces.count, 4), dtype=torch.float64, device=device)
+    kinds = dict(
+        P_KIND=_power_kind(p), Q_KIND=_power_kind(q),
+        P_INT=int(p) if _power_kind(p) == kernels.POW_INT else 0,
+        Q_INT=int(q) if _power_kind(q) == kernels.POW_INT else 0,
+    )  # fmt: skip
+    no_mask = torch.ones(16, dtype=torch.uint8, device=device)
+    for i, row_length in short.items():
+        # One piece per row here, in row order from the tensor's first piece.
+        columns = triton.next_power_of_2(row_length)
+        rows = rows_of(weights[i])
+        grid = (triton.cdiv(rows, SHORT_TILE // columns),)
+        wrap_triton(kernels.short_rows_power_sums_kernel)[grid](
+            bits[i], mask_bytes[i] if mask_bytes[i] is not None else no_mask,
+            0 if mask_bytes[i] is not None else -16, rows, row_length,
+            int(np.searchsorted(pieces.tensor, i)), partials, p, q, safe_min, safe_max,
+            WEIGHT_TYPE=TYPE_CODES[weights[i].dtype], **kinds, ROWS=SHORT_TILE // columns,
+            COLUMNS=columns,
+        )  # fmt: skip
     for group in groups:
         wrap_triton(kernels.power_sums_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, partials,
             p, q, safe_min, safe_max,
-            WEIGHT_TYPE=group.weight_type, P_KIND=_power_kind(p), Q_KIND=_power_kind(q),
-            P_INT=int(p) if _power_kind(p) == kernels.POW_INT else 0,
-            Q_INT=int(q) if _power_kind(q) == kernels.POW_INT else 0,
-            ALIGNED=group.aligned, BLOCK=BLOCK,
+            WEIGHT_TYPE=group.weight_type, **kinds, ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
     bad = first_bad_tensor(partials[:, 3], pieces)
     if bad is not None:
         raise _nonfinite_error(op, bad)
     out = torch.empty((pieces.num_units, 3), dtype=torch.float64, device=device)
-    if pieces.num_units > 0:
+    unit_starts = to_device(pieces.unit_starts, device, trace)
+    if scope == NEURON and pieces.num_units > 0:
+        wrap_triton(kernels.reduce_many_units_kernel)[(triton.cdiv(pieces.num_units, 1024),)](
+            partials, unit_starts, out, pieces.num_units, UNITS=1024
+        )
+    elif pieces.num_units > 0:
         wrap_triton(kernels.reduce_partials_kernel)[(pieces.num_units,)](
-            partials, to_device(pieces.unit_starts, device, trace), out, BLOCK=REDUCE_BLOCK
+            partials, unit_starts, out, BLOCK=REDUCE_BLOCK
         )
     return out
 
