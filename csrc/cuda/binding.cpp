@@ -1,0 +1,314 @@
+// Torch binding of the CUDA kernels: argument checks (csrc/shards.h), the
+// piece table (built on the host, copied to the device in one transfer), the
+// current stream, and the launchers of kernels.h. Built only where a CUDA
+// torch and toolkit exist (setup.py); the kernels themselves need no torch.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../shards.h"
+#include "kernels.h"
+
+namespace sap_kernels::cuda {
+namespace {
+
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+void check_launch(cudaError_t error, const char* op) {
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+void check_on_cuda(at::TensorList weights, const char* op) {
+  TORCH_CHECK_VALUE(weights[0].is_cuda(), op, ": expected CUDA tensors, got ", weights[0].device());
+}
+
+// Pieces of at most `max_piece` elements, each inside one unit (one tensor in
+// layer scope, one row in neuron scope), in global order; unit_starts[u] is
+// the first piece of unit u (units are non-decreasing along the pieces).
+struct HostPieces {
+  std::vector<Segment> segments;
+  std::vector<int64_t> unit_starts;
+  std::vector<int64_t> unit_first_piece;  // per piece: unit_starts[its unit]
+};
+
+HostPieces make_pieces(const ShardTable& table, int64_t scope, int64_t max_piece) {
+  HostPieces pieces;
+  std::vector<int64_t> piece_unit;
+  for (size_t s = 0; s < table.shards.size(); ++s) {
+    const Shard& shard = table.shards[s];
+    if (shard.numel == 0) continue;
+    const int64_t unit_length = scope == kNeuron ? shard.row_length : shard.numel;
+    for (int64_t unit_begin = 0; unit_begin < shard.numel; unit_begin += unit_length) {
+      const int64_t unit = shard.first_unit + (scope == kNeuron ? unit_begin / unit_length : 0);
+      // offset + length never exceeds unit_length, so max_piece may be INT64_MAX.
+      for (int64_t offset = 0; offset < unit_length;) {
+        const int64_t length = std::min(max_piece, unit_length - offset);
+        pieces.segments.push_back(Segment{unit_begin + offset, length, static_cast<int32_t>(s)});
+        piece_unit.push_back(unit);
+        offset += length;
+      }
+    }
+  }
+  pieces.unit_starts.resize(table.num_units + 1);
+  for (int64_t u = 0; u <= table.num_units; ++u) {
+    pieces.unit_starts[u] =
+        std::lower_bound(piece_unit.begin(), piece_unit.end(), u) - piece_unit.begin();
+  }
+  pieces.unit_first_piece.resize(piece_unit.size());
+  for (size_t i = 0; i < piece_unit.size(); ++i)
+    pieces.unit_first_piece[i] = pieces.unit_starts[piece_unit[i]];
+  return pieces;
+}
+
+// The shard and piece tables (and any extra arrays) packed into one byte
+// tensor, copied to the device in one transfer on the current stream.
+class DeviceTables {
+ public:
+  template <class T>
+  size_t add(const std::vector<T>& values) {
+    const size_t offset = (bytes_.size() + 15) / 16 * 16;
+    bytes_.resize(offset + values.size() * sizeof(T));
+    if (!values.empty()) std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(T));
+    return offset;
+  }
+  void upload(const at::Device& device) {
+    at::Tensor host = at::empty({int64_t(std::max<size_t>(bytes_.size(), 1))}, at::kByte);
+    std::memcpy(host.data_ptr<uint8_t>(), bytes_.data(), bytes_.size());
+    device_ = host.to(device);
+  }
+  template <class T>
+  T* pointer(size_t offset) const {
+    return reinterpret_cast<T*>(device_.data_ptr<uint8_t>() + offset);
+  }
+
+ private:
+  std::vector<uint8_t> bytes_;
+  at::Tensor device_;
+};
+
+struct Launch {
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+  explicit Launch(const at::Device& device)
+      : guard(device), stream(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {}
+};
+
+PieceTable piece_table(const DeviceTables& tables, size_t shards, size_t segments,
+                       const HostPieces& pieces, int64_t scope) {
+  return PieceTable{tables.pointer<const Shard>(shards), tables.pointer<const Segment>(segments),
+                    int64_t(pieces.segments.size()), int32_t(scope)};
+}
+
+void check_key_bits(const ShardTable& table, int64_t key_bits, const char* op) {
+  if (key_bits == 32) return;
+  const int32_t type = table.shards[0].type;
+  bool same = type != kFloat32;
+  for (const Shard& shard : table.shards) same = same && shard.type == type;
+  TORCH_CHECK_VALUE(key_bits == 16 && same, op,
+                    ": key_bits must be 32, or 16 when every weight is bfloat16 or every weight "
+                    "is float16; got ",
+                    key_bits);
+}
+
+at::Tensor masked_power_sums_cuda(at::TensorList weights, const OptionalTensors& masks, double p,
+                                  double q, int64_t scope) {
+  constexpr const char* op = "masked_power_sums";
+  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be a finite number > 0, got ", p);
+  TORCH_CHECK_VALUE(std::isfinite(q) && q > p, op, ": q must be finite and > p, got q=", q,
+                    " with p=", p);
+  const ShardTable table = make_shard_table(weights, masks, scope, op);
+  check_on_cuda(weights, op);
+  const at::Device device = weights[0].device();
+  Launch launch(device);
+  const HostPieces pieces = make_pieces(table, scope, kPowerSumsPiece);
+  DeviceTables tables;
+  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
+  const size_t unit_starts = tables.add(pieces.unit_starts);
+  tables.upload(device);
+
+  PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f};
+  // Keep max|w|^q within [2^-100, 2^100] in float32, as the CPU kernel does.
+  plan.safe_max = float(std::min(std::exp2(100.0 / q), 3.0e38));
+  plan.safe_min = float(std::max(std::exp2(-100.0 / q), 1.2e-38));
+  const int64_t count = int64_t(pieces.segments.size());
+  const auto options = weights[0].options();
+  at::Tensor partials = at::empty({std::max<int64_t>(count, 1), 2}, options.dtype(at::kDouble));
+  at::Tensor counts = at::zeros({std::max<int64_t>(count, 1), 2}, options.dtype(at::kLong));
+  at::Tensor out = at::empty({table.num_units, 3}, options.dtype(at::kDouble));
+  check_launch(launch_power_sums(piece_table(tables, shards, segments, pieces, scope), plan,
+                                 tables.pointer<const int64_t>(unit_starts), table.num_units,
+                                 partials.data_ptr<double>(),
+                                 reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
+                                 out.data_ptr<double>(), launch.stream),
+               op);
+  // One host sync: name the first tensor holding a retained NaN/inf.
+  const at::Tensor bad = counts.select(1, 1).gt(0).nonzero();
+  if (bad.size(0) > 0) {
+    const int64_t piece = bad[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, op, ": weights[", pieces.segments[piece].shard,
+                      "] contains NaN or infinity among its retained weights");
+  }
+  return out;
+}
+
+at::Tensor magnitude_histogram_cuda(at::TensorList weights, const OptionalTensors& masks,
+                                    int64_t scope, int64_t key_bits, const at::Tensor& prefixes,
+                                    int64_t pass_index) {
+  constexpr const char* op = "magnitude_histogram";
+  const ShardTable table = make_shard_table(weights, masks, scope, op);
+  check_on_cuda(weights, op);
+  TORCH_CHECK_VALUE(scope == kGlobal || scope == kLayer, op,
+                    ": scope must be 0 (global) or 1 (layer), got ", scope);
+  check_key_bits(table, key_bits, op);
+  TORCH_CHECK_VALUE(pass_index == 0 || (pass_index == 1 && key_bits == 32), op,
+                    ": pass_index must be 0, or 1 with 32-bit keys, got ", pass_index);
+  TORCH_CHECK_VALUE(prefixes.numel() >= table.num_units, op, ": prefixes has ", prefixes.numel(),
+                    " entries for ", table.num_units, " units");
+  const at::Device device = weights[0].device();
+  Launch launch(device);
+  const HostPieces pieces = make_pieces(table, scope, kHistogramPiece);
+  DeviceTables tables;
+  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
+  tables.upload(device);
+  const at::Tensor prefix_values = prefixes.to(device, at::kLong).contiguous();
+  at::Tensor histogram = at::zeros({table.num_units, 65536}, weights[0].options().dtype(at::kLong));
+  check_launch(launch_magnitude_histogram(
+                   piece_table(tables, shards, segments, pieces, scope), int(key_bits),
+                   int(pass_index), prefix_values.data_ptr<int64_t>(),
+                   reinterpret_cast<unsigned long long*>(histogram.data_ptr<int64_t>()),
+                   launch.stream),
+               op);
+  return histogram;
+}
+
+at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& masks,
+                                int64_t key_bits, const at::Tensor& ks) {
+  constexpr const char* op = "rowwise_kth_key";
+  const ShardTable table = make_shard_table(weights, masks, kNeuron, op);
+  check_on_cuda(weights, op);
+  check_key_bits(table, key_bits, op);
+  TORCH_CHECK_VALUE(ks.numel() == table.num_units, op, ": ks has ", ks.numel(), " entries for ",
+                    table.num_units, " rows");
+  const at::Device device = weights[0].device();
+  Launch launch(device);
+  // One piece per non-empty row: the select needs the whole row in one block.
+  const HostPieces pieces = make_pieces(table, kNeuron, std::numeric_limits<int64_t>::max());
+  DeviceTables tables;
+  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
+  tables.upload(device);
+  const at::Tensor k_values = ks.to(device, at::kLong).contiguous();
+  const auto options = weights[0].options().dtype(at::kLong);
+  at::Tensor result = at::empty({table.num_units, 2}, options);
+  result.select(1, 0).fill_(-1);
+  result.select(1, 1).zero_();
+  at::Tensor nonfinite = at::zeros({table.num_units}, options.dtype(at::kInt));
+  check_launch(launch_rowwise_kth_key(piece_table(tables, shards, segments, pieces, kNeuron),
+                                      int(key_bits), k_values.data_ptr<int64_t>(),
+                                      result.data_ptr<int64_t>(), nonfinite.data_ptr<int32_t>(),
+                                      launch.stream),
+               op);
+  const at::Tensor bad = nonfinite.gt(0).nonzero();
+  if (bad.size(0) > 0) {
+    const int64_t row = bad[0][0].item<int64_t>();
+    size_t shard = 0;
+    while (shard + 1 < table.shards.size() && table.shards[shard + 1].first_unit <= row) ++shard;
+    TORCH_CHECK_VALUE(false, op, ": weights[", shard,
+                      "] contains NaN or infinity among its retained weights");
+  }
+  return result;
+}
+
+std::vector<at::Tensor> prune_masks_cuda(at::TensorList weights, const OptionalTensors& masks,
+                                         int64_t scope, int64_t key_bits,
+                                         const at::Tensor& threshold_keys,
+                                         const at::Tensor& remove_equal) {
+  constexpr const char* op = "prune_masks";
+  const ShardTable table = make_shard_table(weights, masks, scope, op);
+  check_on_cuda(weights, op);
+  check_key_bits(table, key_bits, op);
+  TORCH_CHECK_VALUE(threshold_keys.numel() == table.num_units, op, ": threshold_keys has ",
+                    threshold_keys.numel(), " entries for ", table.num_units, " units");
+  TORCH_CHECK_VALUE(remove_equal.numel() == table.num_units, op, ": remove_equal has ",
+                    remove_equal.numel(), " entries for ", table.num_units, " units");
+  const at::Device device = weights[0].device();
+  Launch launch(device);
+  std::vector<at::Tensor> outputs;
+  std::vector<uint8_t*> output_pointers;
+  for (const at::Tensor& w : weights) {
+    outputs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
+    output_pointers.push_back(reinterpret_cast<uint8_t*>(outputs.back().data_ptr<bool>()));
+  }
+  const HostPieces pieces = make_pieces(table, scope, kPrunePiece);
+  DeviceTables tables;
+  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
+  const size_t output_table = tables.add(output_pointers);
+  const size_t first_piece = tables.add(pieces.unit_first_piece);
+  tables.upload(device);
+  const PieceTable pieces_on_device = piece_table(tables, shards, segments, pieces, scope);
+  const at::Tensor thresholds = threshold_keys.to(device, at::kLong).contiguous();
+  const at::Tensor quotas = remove_equal.to(device, at::kLong).contiguous();
+  const int64_t count = int64_t(pieces.segments.size());
+  if (count == 0) return outputs;
+  at::Tensor equal_counts = at::empty({count}, weights[0].options().dtype(at::kLong));
+  check_launch(launch_count_equal(pieces_on_device, int(key_bits), thresholds.data_ptr<int64_t>(),
+                                  quotas.data_ptr<int64_t>(), equal_counts.data_ptr<int64_t>(),
+                                  launch.stream),
+               op);
+  // Equal keys before each piece inside its unit: an exclusive scan (integer,
+  // so deterministic) restarted at each unit's first piece.
+  const at::Tensor exclusive = at::cumsum(equal_counts, 0) - equal_counts;
+  const at::Tensor first = at::from_blob(tables.pointer<int64_t>(first_piece), {count},
+                                         weights[0].options().dtype(at::kLong));
+  const at::Tensor equal_before = (exclusive - exclusive.index_select(0, first)).contiguous();
+  check_launch(launch_prune_masks(pieces_on_device, int(key_bits), thresholds.data_ptr<int64_t>(),
+                                  quotas.data_ptr<int64_t>(), equal_before.data_ptr<int64_t>(),
+                                  tables.pointer<uint8_t* const>(output_table), launch.stream),
+               op);
+  return outputs;
+}
+
+void apply_masks_cuda(at::TensorList weights, at::TensorList masks) {
+  constexpr const char* op = "apply_masks_";
+  TORCH_CHECK_VALUE(masks.size() == weights.size(), op, ": got ", masks.size(), " masks for ",
+                    weights.size(), " weights");
+  // Zero non-contiguous weights in a contiguous copy, then copy it back.
+  std::vector<at::Tensor> targets;
+  OptionalTensors mask_list;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    targets.push_back(weights[i].is_contiguous() ? weights[i] : weights[i].contiguous());
+    mask_list.push_back(masks[i]);
+  }
+  const ShardTable table = make_shard_table(targets, mask_list, kGlobal, op);
+  check_on_cuda(weights, op);
+  const at::Device device = weights[0].device();
+  Launch launch(device);
+  const HostPieces pieces = make_pieces(table, kGlobal, kPrunePiece);
+  DeviceTables tables;
+  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
+  tables.upload(device);
+  check_launch(launch_apply_masks(piece_table(tables, shards, segments, pieces, kGlobal),
+                                  launch.stream),
+               op);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (!weights[i].is_contiguous()) weights[i].copy_(targets[i]);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sap_kernels, CUDA, m) {
+  m.impl("masked_power_sums", &masked_power_sums_cuda);
+  m.impl("magnitude_histogram", &magnitude_histogram_cuda);
+  m.impl("rowwise_kth_key", &rowwise_kth_key_cuda);
+  m.impl("prune_masks", &prune_masks_cuda);
+  m.impl("apply_masks_", &apply_masks_cuda);
+}
+
+}  // namespace sap_kernels::cuda

@@ -1,0 +1,327 @@
+"""The sap_kernels ops on Triton, registered with `torch.library.triton_op`
+(namespace sap_kernels, names `triton_<op>`) and launched through
+`torch.library.wrap_triton`. Same arguments and results as the schemas in
+csrc/ops.cpp; sap_kernels.reference defines the semantics.
+
+Each op launches one kernel per dtype group present (at most three), over a
+chunk table of all that group's pieces; tensors are addressed by int64
+element offsets from the group's base pointer (see kernels.py), so the ops
+also run on CPU tensors under TRITON_INTERPRET=1.
+
+Not yet done: under torch.compile the op bodies are traced with fake tensors,
+which have no data pointer to take offsets from (DESIGN.md §6); a per-tensor
+launch path for that case is future work.
+"""
+
+import numpy as np
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from . import kernels, select_kernels
+from ._pieces import (
+    GLOBAL,
+    LAYER,
+    NEURON,
+    TYPE_CODES,
+    _base_and_offsets,
+    bit_views,
+    byte_views,
+    check_inputs,
+    check_key_bits,
+    first_bad_tensor,
+    make_groups,
+    make_pieces,
+    rows_of,
+    to_device,
+    tracing,
+)
+
+# A piece holds at most PIECE_ELEMENTS weights (so a lane sums at most
+# PIECE_ELEMENTS / BLOCK float32 terms); a program walks about CHUNK_ELEMENTS.
+PIECE_ELEMENTS = 1 << 15
+CHUNK_ELEMENTS = 1 << 16
+BLOCK = 1024
+REDUCE_BLOCK = 256
+# Neuron-scope rows this short are summed many rows per program (2-D tiles).
+SHORT_ROW = 1024
+SHORT_TILE = 4096  # weights per 2-D tile of short rows
+KTH_BLOCK = 1024
+FLOAT32_MAX = 3.0e38
+FLOAT32_TINY = 1.2e-38
+
+
+def _power_kind(r: float) -> int:
+    """As classify_power in csrc/kernel_types.h."""
+    if r == 0.5:
+        return kernels.POW_HALF
+    if r == 1.0:
+        return kernels.POW_ONE
+    if r == 2.0:
+        return kernels.POW_TWO
+    if 3.0 <= r <= 15.0 and r == int(r):
+        return kernels.POW_INT
+    return kernels.POW_GENERAL
+
+
+def _nonfinite_error(op: str, index: int) -> ValueError:
+    return ValueError(f"{op}: weights[{index}] contains NaN or infinity among its retained weights")
+
+
+@triton_op("sap_kernels::triton_masked_power_sums", mutates_args=())
+def _masked_power_sums(
+    weights: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    p: float,
+    q: float,
+    scope: int,
+) -> torch.Tensor:
+    op = "masked_power_sums"
+    if not (p > 0 and p < float("inf")):
+        raise ValueError(f"{op}: p must be a finite number > 0, got {p}")
+    if not (q > p and q < float("inf")):
+        raise ValueError(f"{op}: q must be finite and > p, got q={q} with p={p}")
+    masks = check_inputs(op, weights, masks, scope)
+    device = weights[0].device
+    trace = tracing(list(weights))
+    bits, mask_bytes = bit_views(weights), byte_views(masks)
+    pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
+    # Neuron scope, rows of at most SHORT_ROW weights: many rows per program.
+    short = {}
+    if scope == NEURON:
+        short = {i: n // rows_of(w) for i, w in enumerate(weights)
+                 if (n := w.numel()) > 0 and n // rows_of(w) <= SHORT_ROW}  # fmt: skip
+    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device, set(short))
+    # Tiles whose largest |w| lies outside [2^(-100/q), 2^(100/q)] are summed
+    # in float64 (their float32 powers could overflow or underflow).
+    safe_max = min(2.0 ** (100.0 / q), FLOAT32_MAX)
+    safe_min = max(2.0 ** (-100.0 / q), FLOAT32_TINY)
+    partials = torch.zeros((pieces.count, 4), dtype=torch.float64, device=device)
+    kinds = dict(
+        P_KIND=_power_kind(p), Q_KIND=_power_kind(q),
+        P_INT=int(p) if _power_kind(p) == kernels.POW_INT else 0,
+        Q_INT=int(q) if _power_kind(q) == kernels.POW_INT else 0,
+    )  # fmt: skip
+    no_mask = torch.ones(16, dtype=torch.uint8, device=device)
+    for i, row_length in short.items():
+        # One piece per row here, in row order from the tensor's first piece.
+        columns = triton.next_power_of_2(row_length)
+        rows = rows_of(weights[i])
+        grid = (triton.cdiv(rows, SHORT_TILE // columns),)
+        wrap_triton(kernels.short_rows_power_sums_kernel)[grid](
+            bits[i], mask_bytes[i] if mask_bytes[i] is not None else no_mask,
+            0 if mask_bytes[i] is not None else -16, rows, row_length,
+            int(np.searchsorted(pieces.tensor, i)), partials, p, q, safe_min, safe_max,
+            WEIGHT_TYPE=TYPE_CODES[weights[i].dtype], **kinds, ROWS=SHORT_TILE // columns,
+            COLUMNS=columns,
+        )  # fmt: skip
+    for group in groups:
+        wrap_triton(kernels.power_sums_kernel)[(group.num_chunks,)](
+            group.weight_base, group.mask_base, group.table, group.chunk_starts, partials,
+            p, q, safe_min, safe_max,
+            WEIGHT_TYPE=group.weight_type, **kinds, ALIGNED=group.aligned, BLOCK=BLOCK,
+        )  # fmt: skip
+    bad = first_bad_tensor(partials[:, 3], pieces)
+    if bad is not None:
+        raise _nonfinite_error(op, bad)
+    out = torch.empty((pieces.num_units, 3), dtype=torch.float64, device=device)
+    unit_starts = to_device(pieces.unit_starts, device, trace)
+    if scope == NEURON and pieces.num_units > 0:
+        wrap_triton(kernels.reduce_many_units_kernel)[(triton.cdiv(pieces.num_units, 1024),)](
+            partials, unit_starts, out, pieces.num_units, UNITS=1024
+        )
+    elif pieces.num_units > 0:
+        wrap_triton(kernels.reduce_partials_kernel)[(pieces.num_units,)](
+            partials, unit_starts, out, BLOCK=REDUCE_BLOCK
+        )
+    return out
+
+
+@triton_op("sap_kernels::triton_magnitude_histogram", mutates_args=())
+def _magnitude_histogram(
+    weights: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    scope: int,
+    key_bits: int,
+    prefixes: torch.Tensor,
+    pass_index: int,
+) -> torch.Tensor:
+    op = "magnitude_histogram"
+    masks = check_inputs(op, weights, masks, scope)
+    if scope not in (GLOBAL, LAYER):
+        raise ValueError(f"{op}: scope must be 0 (global) or 1 (layer), got {scope}")
+    check_key_bits(op, weights, key_bits)
+    if pass_index not in (0, 1) or (pass_index == 1 and key_bits != 32):
+        raise ValueError(f"{op}: pass_index must be 0, or 1 with 32-bit keys, got {pass_index}")
+    device = weights[0].device
+    bits, mask_bytes = bit_views(weights), byte_views(masks)
+    pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
+    if prefixes.numel() < pieces.num_units:
+        raise ValueError(
+            f"{op}: prefixes has {prefixes.numel()} entries for {pieces.num_units} units"
+        )
+    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    histogram = torch.zeros((pieces.num_units, 65536), dtype=torch.int64, device=device)
+    prefixes = prefixes.to(device=device, dtype=torch.int64).contiguous()
+    for group in groups:
+        wrap_triton(select_kernels.histogram_kernel)[(group.num_chunks,)](
+            group.weight_base, group.mask_base, group.table, group.chunk_starts, prefixes,
+            histogram,
+            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, PASS_INDEX=pass_index,
+            ALIGNED=group.aligned, BLOCK=BLOCK,
+        )  # fmt: skip
+    return histogram
+
+
+@triton_op("sap_kernels::triton_rowwise_kth_key", mutates_args=())
+def _rowwise_kth_key(
+    weights: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    key_bits: int,
+    ks: torch.Tensor,
+) -> torch.Tensor:
+    op = "rowwise_kth_key"
+    masks = check_inputs(op, weights, masks, NEURON)
+    check_key_bits(op, weights, key_bits)
+    device = weights[0].device
+    trace = tracing(list(weights))
+    bits, mask_bytes = bit_views(weights), byte_views(masks)
+    longest_row = max(max(w.numel() // max(rows_of(w), 1), 1) for w in weights)
+    pieces = make_pieces(weights, NEURON, longest_row)  # one piece per non-empty row
+    if ks.numel() != pieces.num_units:
+        raise ValueError(f"{op}: ks has {ks.numel()} entries for {pieces.num_units} rows")
+    groups = make_groups(weights, bits, mask_bytes, pieces, 1, device)
+    result = torch.tensor([-1, 0], dtype=torch.int64, device=device).repeat(pieces.num_units, 1)
+    nonfinite = torch.zeros(pieces.num_units, dtype=torch.int32, device=device)
+    ks = ks.to(device=device, dtype=torch.int64).contiguous()
+    for group in groups:
+        wrap_triton(select_kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
+            group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
+            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
+        )  # fmt: skip
+    if not trace:
+        bad_rows = (nonfinite.cpu() > 0).nonzero()
+        if bad_rows.numel() > 0:  # one piece per non-empty row: find the row's piece
+            piece = int(np.searchsorted(pieces.unit, int(bad_rows[0, 0])))
+            raise _nonfinite_error(op, int(pieces.tensor[piece]))
+    return result
+
+
+@triton_op("sap_kernels::triton_prune_masks", mutates_args=())
+def _prune_masks(
+    weights: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    scope: int,
+    key_bits: int,
+    threshold_keys: torch.Tensor,
+    remove_equal: torch.Tensor,
+) -> list[torch.Tensor]:
+    op = "prune_masks"
+    masks = check_inputs(op, weights, masks, scope)
+    check_key_bits(op, weights, key_bits)
+    device = weights[0].device
+    trace = tracing(list(weights))
+    bits, mask_bytes = bit_views(weights), byte_views(masks)
+    pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
+    for name, values in (("threshold_keys", threshold_keys), ("remove_equal", remove_equal)):
+        if values.numel() != pieces.num_units:
+            raise ValueError(
+                f"{op}: {name} has {values.numel()} entries for {pieces.num_units} units"
+            )
+    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    outputs = [torch.empty(w.shape, dtype=torch.bool, device=device) for w in weights]
+    out_views = [o.view(torch.uint8).reshape(-1) for o in outputs]
+    threshold_keys = threshold_keys.to(device=device, dtype=torch.int64).contiguous()
+    remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
+    equal_counts = torch.zeros(pieces.count, dtype=torch.int64, device=device)
+    for group in groups:
+        wrap_triton(select_kernels.count_equal_kernel)[(group.num_chunks,)](
+            group.weight_base, group.mask_base, group.table, group.chunk_starts, threshold_keys,
+            remove_equal, equal_counts,
+            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=group.aligned, BLOCK=BLOCK,
+        )  # fmt: skip
+    # Equal keys before each piece within its unit: an exclusive scan over the
+    # pieces in global order, restarted at each unit's first piece.
+    before = torch.cumsum(equal_counts, 0) - equal_counts
+    unit_first_piece = pieces.unit_starts[pieces.unit]
+    equal_before = before - before[to_device(unit_first_piece, device, trace)]
+    for group in groups:
+        # The group's outputs are addressed like its weights: from the
+        # lowest-addressed output of the group (or the one output when tracing).
+        if trace:
+            out_base, out_offsets = out_views[group.members[0]], np.zeros(len(weights), np.int64)
+        else:
+            out_base, out_offsets = _base_and_offsets(
+                [out_views[i] if i in group.members else None for i in range(len(weights))]
+            )
+        out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
+        wrap_triton(select_kernels.prune_kernel)[(group.num_chunks,)](
+            group.weight_base, group.mask_base, out_base, group.table,
+            to_device(out_begins, device, trace),
+            group.chunk_starts, threshold_keys, remove_equal, equal_before,
+            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=BLOCK,
+        )  # fmt: skip
+    return outputs
+
+
+@triton_op("sap_kernels::triton_apply_masks_", mutates_args={"weights"})
+def _apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    op = "apply_masks_"
+    checked = check_inputs(op, weights, masks)
+    missing = [i for i, m in enumerate(checked) if m is None]
+    if missing or len(masks) != len(weights):
+        raise ValueError(f"{op}: masks[{missing[0] if missing else 0}] is missing")
+    device = weights[0].device
+    # Non-contiguous weights are zeroed in a contiguous copy that is copied back.
+    targets = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    bits = bit_views(targets)
+    mask_bytes = byte_views(masks)
+    pieces = make_pieces(targets, GLOBAL, PIECE_ELEMENTS)
+    groups = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    for group in groups:
+        wrap_triton(select_kernels.apply_masks_kernel)[(group.num_chunks,)](
+            group.weight_base, group.mask_base, group.table, group.chunk_starts,
+            ALIGNED=group.aligned, BLOCK=BLOCK,
+        )  # fmt: skip
+    for w, t in zip(weights, targets):
+        if t is not w:
+            w.copy_(t)
+
+
+def _mask_list(weights, masks) -> list:
+    return list(masks) if masks is not None and len(masks) > 0 else [None] * len(weights)
+
+
+def masked_power_sums(weights, masks, p: float, q: float, scope: int) -> torch.Tensor:
+    """float64 [units, 3]: (S_p, S_q, d) per unit (see csrc/ops.cpp)."""
+    weights = list(weights)
+    return _masked_power_sums(weights, _mask_list(weights, masks), float(p), float(q), int(scope))
+
+
+def magnitude_histogram(weights, masks, scope, key_bits, prefixes, pass_index) -> torch.Tensor:
+    """int64 [units, 65536] histogram of a 16-bit digit of the retained keys."""
+    weights = list(weights)
+    return _magnitude_histogram(
+        weights, _mask_list(weights, masks), int(scope), int(key_bits), prefixes, int(pass_index)
+    )
+
+
+def rowwise_kth_key(weights, masks, key_bits, ks) -> torch.Tensor:
+    """int64 [rows, 2]: (k-th smallest retained key of each row, keys below it)."""
+    weights = list(weights)
+    return _rowwise_kth_key(weights, _mask_list(weights, masks), int(key_bits), ks)
+
+
+def prune_masks(weights, masks, scope, key_bits, threshold_keys, remove_equal):
+    """New bool masks with the keys below the threshold and the first
+    remove_equal[unit] keys equal to it removed."""
+    weights = list(weights)
+    return _prune_masks(
+        weights, _mask_list(weights, masks), int(scope), int(key_bits), threshold_keys,
+        remove_equal,
+    )  # fmt: skip
+
+
+def apply_masks_(weights, masks) -> None:
+    """weights[i][~masks[i]] = 0 for every shard, in place."""
+    _apply_masks_(list(weights), list(masks))

@@ -1,0 +1,243 @@
+"""The five ops on the Triton backend against sap_kernels.reference (the
+float64 / pure-torch oracle with the same signatures).
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter
+(TRITON_INTERPRET=1, set here before triton is imported), so the inputs are
+small: the interpreter runs one program at a time in numpy. `OpChecks` holds
+the checks; tests/test_cuda_ops.py runs the same checks on the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sap_kernels import reference  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GLOBAL, LAYER, NEURON = 0, 1, 2
+# Odd sizes, a scalar-like tensor, rows of length 1, a row longer than one tile.
+SHAPES = [(7, 3), (4097,), (1,), (5, 1), (3, 40), (2, 1500)]
+# Neuron scope makes one unit per row: (4097,) would be 4097 rows of length 1,
+# which the interpreter walks one by one, so it is left out there.
+NEURON_SHAPES = [(7, 3), (1,), (5, 1), (3, 40), (2, 1500), (0, 4)]
+KINDS = ["normal", "heavy", "zeros", "ties"]
+
+
+def make_tensor(shape, dtype, kind: str, generator) -> torch.Tensor:
+    """Random weights: normal, heavy-tailed, ~30% exact zeros (with -0.0), or
+    few distinct values (exact ties)."""
+    n = 1
+    for s in shape:
+        n *= s
+    x = torch.randn(n, generator=generator, dtype=torch.float64)
+    if kind == "heavy":
+        x = x / torch.rand(n, generator=generator, dtype=torch.float64).clamp(min=1e-3) ** 0.7
+    elif kind == "zeros":
+        zero = torch.rand(n, generator=generator) < 0.3
+        x = torch.where(zero, torch.where(x > 0, 0.0, -0.0), x)
+    elif kind == "ties":
+        x = torch.randint(-4, 5, (n,), generator=generator).double() * 0.25
+    return x.to(dtype).reshape(shape)
+
+
+def make_inputs(shapes, dtype, masked: bool, seed: int, device):
+    generator = torch.Generator().manual_seed(seed)
+    weights, masks = [], []
+    for i, shape in enumerate(shapes):
+        weights.append(make_tensor(shape, dtype, KINDS[i % len(KINDS)], generator).to(device))
+        use_mask = masked and i % 3 != 1  # some tensors keep mask=None
+        masks.append(
+            (torch.rand(shape, generator=generator) >= 0.4).to(device) if use_mask else None
+        )
+    return weights, masks
+
+
+def retained_counts(weights, masks, scope) -> torch.Tensor:
+    return reference.masked_power_sums(weights, masks, 1.0, 2.0, scope)[:, 2].long().cpu()
+
+
+class OpChecks:
+    """Checks shared by every GPU-style backend. Subclasses set `device` and
+    `run(name, *args)` (calls op `name` of the backend)."""
+
+    device = torch.device("cpu")
+
+    def run(self, name, *args):
+        raise NotImplementedError
+
+    # --- masked_power_sums -------------------------------------------------
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("scope", [GLOBAL, LAYER, NEURON])
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_power_sums(self, dtype, scope, masked):
+        shapes = NEURON_SHAPES if scope == NEURON else SHAPES
+        weights, masks = make_inputs(shapes, dtype, masked, 10 + scope, self.device)
+        got = self.run("masked_power_sums", weights, masks, 0.5, 1.0, scope).cpu()
+        want = reference.masked_power_sums(weights, masks, 0.5, 1.0, scope).cpu()
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+        assert torch.equal(got[:, 2], want[:, 2])
+
+    @pytest.mark.parametrize("p,q", [(0.7, 1.3), (1.0, 2.0), (2.0, 3.0), (0.25, 4.5)])
+    def test_power_sums_exponents(self, p, q):
+        weights, masks = make_inputs(SHAPES, torch.float32, True, 3, self.device)
+        weights.append(make_inputs([(300,)], torch.bfloat16, False, 4, self.device)[0][0])
+        masks.append(None)
+        got = self.run("masked_power_sums", weights, masks, p, q, LAYER).cpu()
+        want = reference.masked_power_sums(weights, masks, p, q, LAYER).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+    def test_power_sums_extreme_magnitudes(self):
+        # Powers that overflow or underflow float32 take the float64 path.
+        big = torch.tensor([3e30, -1e25, 2.0, 0.0], device=self.device)
+        tiny = torch.tensor([1e-30, -3e-35, 1e-44, 0.0], device=self.device)
+        got = self.run("masked_power_sums", [big, tiny], [], 0.5, 2.0, LAYER).cpu()
+        want = reference.masked_power_sums([big, tiny], [], 0.5, 2.0, LAYER).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+    def test_power_sums_rejects_retained_nan(self):
+        nan = torch.tensor([1.0, float("nan")], device=self.device)
+        w = [torch.ones(5, device=self.device), nan]
+        with pytest.raises(ValueError, match=r"weights\[1\]"):
+            self.run("masked_power_sums", w, [], 0.5, 1.0, GLOBAL)
+        pruned = [None, torch.tensor([True, False], device=self.device)]
+        got = self.run("masked_power_sums", w, pruned, 0.5, 1.0, GLOBAL).cpu()
+        assert got[0, 2].item() == 6
+
+    def test_power_sums_rejects_bad_arguments(self):
+        w = [torch.ones(3, device=self.device)]
+        with pytest.raises(ValueError, match="empty"):
+            self.run("masked_power_sums", [], [], 0.5, 1.0, GLOBAL)
+        with pytest.raises(ValueError, match="shape"):
+            self.run("masked_power_sums", w, [torch.ones(4, dtype=torch.bool)], 0.5, 1.0, 0)
+        with pytest.raises(TypeError, match="dtype"):
+            self.run("masked_power_sums", [torch.ones(3, dtype=torch.int32)], [], 0.5, 1.0, 0)
+        with pytest.raises(ValueError, match="q"):
+            self.run("masked_power_sums", w, [], 1.0, 0.5, GLOBAL)
+
+    # --- magnitude_histogram -----------------------------------------------
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("scope", [GLOBAL, LAYER])
+    @pytest.mark.parametrize("key_bits", [32, 16])
+    def test_histogram(self, dtype, scope, key_bits):
+        if key_bits == 16 and dtype == torch.float32:
+            pytest.skip("16-bit keys need 16-bit weights")
+        weights, masks = make_inputs(SHAPES, dtype, True, 20 + scope, self.device)
+        units = 1 if scope == GLOBAL else len(weights)
+        zeros = torch.zeros(units, dtype=torch.int64, device=self.device)
+        got = self.run("magnitude_histogram", weights, masks, scope, key_bits, zeros, 0)
+        want = reference.magnitude_histogram(weights, masks, scope, key_bits, zeros, 0)
+        assert got.shape == (units, 65536) and torch.equal(got.cpu(), want.cpu())
+        if key_bits == 32:
+            prefixes = want.argmax(1).to(self.device)  # the fullest high-16-bit bucket
+            got = self.run("magnitude_histogram", weights, masks, scope, 32, prefixes, 1)
+            want = reference.magnitude_histogram(weights, masks, scope, 32, prefixes, 1)
+            assert int(want.sum()) > 0 and torch.equal(got.cpu(), want.cpu())
+
+    # --- rowwise_kth_key ---------------------------------------------------
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("key_bits", [32, 16])
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_rowwise_kth(self, dtype, key_bits, masked):
+        if key_bits == 16 and dtype == torch.float32:
+            pytest.skip("16-bit keys need 16-bit weights")
+        weights, masks = make_inputs(NEURON_SHAPES, dtype, masked, 30, self.device)
+        retained = retained_counts(weights, masks, NEURON)
+        generator = torch.Generator().manual_seed(31)
+        ks = (torch.rand(retained.shape, generator=generator) * (retained + 1)).long()
+        ks = torch.minimum(ks, retained)
+        ks[0], ks[-2] = retained[0], min(1, int(retained[-2]))  # the largest key; the smallest
+        ks = ks.to(self.device)
+        got = self.run("rowwise_kth_key", weights, masks, key_bits, ks)
+        want = reference.rowwise_kth_key(weights, masks, key_bits, ks)
+        assert torch.equal(got.cpu(), want.cpu())
+
+    # --- prune_masks ---------------------------------------------------------
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("scope", [GLOBAL, LAYER, NEURON])
+    def test_prune_masks(self, dtype, scope):
+        shapes = NEURON_SHAPES if scope == NEURON else SHAPES
+        weights, masks = make_inputs(shapes, dtype, True, 40 + scope, self.device)
+        key_bits = 16 if dtype != torch.float32 else 32
+        units = reference.masked_power_sums(weights, masks, 1.0, 2.0, scope).shape[0]
+        # Thresholds at existing keys (ties weights make many equal ones), one
+        # unit with threshold -1 (prunes nothing), random quotas of equal keys.
+        keys = torch.cat([reference.magnitude_keys(w, key_bits).flatten().cpu() for w in weights])
+        generator = torch.Generator().manual_seed(41)
+        thresholds = keys[torch.randint(0, keys.numel(), (units,), generator=generator)]
+        thresholds[0] = -1
+        remove_equal = torch.randint(0, 5, (units,), generator=generator)
+        args = (scope, key_bits, thresholds.to(self.device), remove_equal.to(self.device))
+        got = self.run("prune_masks", weights, masks, *args)
+        want = reference.prune_masks(weights, masks, *args)
+        assert len(got) == len(want)
+        for g, w, weight in zip(got, want, weights):
+            assert g.dtype == torch.bool and g.shape == weight.shape
+            assert torch.equal(g.cpu(), w.cpu())
+
+    # --- apply_masks_ ----------------------------------------------------------
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_apply_masks(self, dtype):
+        weights, _ = make_inputs(SHAPES, dtype, False, 50, self.device)
+        generator = torch.Generator().manual_seed(51)
+        masks = [(torch.rand(w.shape, generator=generator) >= 0.5).to(self.device) for w in weights]
+        weights[0][0, 0] = float("nan")
+        masks[0][0, 0] = False  # a pruned NaN must become 0
+        base = torch.randn(40, 3, generator=generator).to(dtype).to(self.device)
+        weights.append(base.t())  # non-contiguous: zeroed through a copy, copied back
+        masks.append((torch.rand(3, 40, generator=generator) >= 0.5).to(self.device))
+        want = [w.clone() for w in weights]
+        reference.apply_masks_(want, masks)
+        self.run("apply_masks_", weights, masks)
+        for got, expected in zip(weights, want):
+            assert torch.equal(got.cpu(), expected.cpu())
+        assert torch.equal(base.t().cpu(), want[-1].cpu())
+
+
+class TestTritonOps(OpChecks):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @pytest.fixture(autouse=True)
+    def _triton(self):
+        pytest.importorskip("triton")
+
+    def run(self, name, *args):
+        from sap_kernels.triton import ops as triton_ops
+
+        return getattr(triton_ops, name)(*args)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "neuron"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_end_to_end(scope, dtype):
+    """sap_kernels.prune / magnitude_threshold with backend='triton' equal the
+    stable-sort and torch.kthvalue oracles (ties broken in flat order)."""
+    pytest.importorskip("triton")
+    import sap_kernels
+
+    device = TestTritonOps.device
+    shapes = NEURON_SHAPES[:-1] if scope == "neuron" else SHAPES
+    weights, masks = make_inputs(shapes, dtype, True, 60, device)
+    code = {"global": GLOBAL, "layer": LAYER, "neuron": NEURON}[scope]
+    retained = retained_counts(weights, masks, code)
+    counts = retained // 3
+    got = sap_kernels.prune(weights, masks, counts, scope=scope, backend="triton")
+    want = reference.prune_by_stable_sort(weights, masks, counts, scope)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w.cpu())
+    ks = retained.clamp(min=1) // 2 + 1
+    if scope == "global":
+        threshold = sap_kernels.magnitude_threshold(weights, int(ks[0]), masks, backend="triton")
+        oracle = reference.magnitude_threshold_by_concatenation(weights, ks, masks, scope)
+        assert threshold.item() == oracle[0].item()
