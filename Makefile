@@ -27,7 +27,7 @@ build: $(DEPS)
 
 # Every CUDA kernel compiles with nvcc even on machines without a GPU.
 cuda-compile:
-	@if command -v nvcc >/dev/null 2>&1; then bash tools/compile_cuda.sh; \
+	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(PY) bash tools/compile_cuda.sh; \
 	else echo "nvcc not found: CUDA kernels not compiled"; fi
 
 test: build cuda-compile

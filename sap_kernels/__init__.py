@@ -10,10 +10,17 @@ from ._inputs import default_parameter_filter, parameters_to_prune
 from .api import PQSums, pq_sums, pqi
 from .checkpoint import pqi_of_checkpoint
 from .ops import available_backends
+from .sap import LotteryTicketPolicy, OneShotPolicy, Pruner, PruningRecord, SAPPolicy, sap_counts
 from .selection import apply_masks_, magnitude_threshold, prune, prune_
 from .sparsity import pqi_from_sums, pqi_upper_bound, sap_prune_counts
 
 __all__ = [
+    "LotteryTicketPolicy",
+    "OneShotPolicy",
+    "Pruner",
+    "PruningRecord",
+    "SAPPolicy",
+    "sap_counts",
     "PQSums",
     "apply_masks_",
     "magnitude_threshold",

@@ -43,7 +43,7 @@ from torch import nn
 from ._inputs import check_exponents, parameters_to_prune, scope_code
 from .api import pq_sums
 from .selection import prune as prune_masks
-from .sparsity import pqi_from_sums, sap_retained_lower_bound
+from .sparsity import pqi_from_sums, sap_prune_counts
 
 
 def _check_scope(scope: str) -> None:
@@ -129,12 +129,7 @@ def sap_counts(
     """
     check_exponents(p, q)
     retained = retained.long()
-    count = retained.double()
-    bound = sap_retained_lower_bound(pqi, count, p, q, eta_r)
-    prune = torch.minimum(gamma * (count - bound), beta * count).clamp(min=0.0).floor()
-    defined = ~torch.isnan(pqi) & (retained > 0)
-    prune = torch.where(defined, prune, torch.zeros_like(prune)).long()
-    bound = torch.where(defined, bound, count).long()
+    bound, prune = sap_prune_counts(pqi, retained, p=p, q=q, eta_r=eta_r, gamma=gamma, beta=beta)
     return bound, torch.minimum(prune, retained)
 
 

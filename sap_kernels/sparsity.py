@@ -61,9 +61,9 @@ def sap_prune_counts(
     """(r_t, c_t) per unit as int64 tensors; c_t = 0 where the PQI is NaN."""
     count = count.double()
     retained_bound = sap_retained_lower_bound(pqi, count, p, q, eta_r)
-    fraction = gamma * (1.0 - retained_bound / count.clamp(min=1.0))
-    fraction = fraction.clamp(min=0.0, max=beta)
-    prune = torch.floor(count * fraction)
+    # d * min(gamma (1 - r/d), beta) in product form: the ratio form can round
+    # an exact integer just below it, and floor would then lose one weight.
+    prune = torch.minimum(gamma * (count - retained_bound), beta * count).clamp(min=0.0).floor()
     defined = ~torch.isnan(pqi) & (count > 0)
     prune = torch.where(defined, prune, torch.zeros_like(prune))
     retained_bound = torch.where(defined, retained_bound, count)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -24,6 +25,27 @@ def _require_extension() -> None:
 
 
 _require_extension()
+
+
+# Triton's interpreter runs kernels in numpy, ~100x slower than the CPU kernels.
+# On a machine without a GPU the end-to-end API tests therefore run a fixed,
+# deterministic quarter of their Triton cases (the op-level checks in
+# test_triton_ops.py run in full); SAP_KERNELS_FULL_TRITON=1 runs them all.
+_TRITON_SUBSET = 4
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE.type == "cuda" or os.environ.get("SAP_KERNELS_FULL_TRITON") == "1":
+        return
+    skip = pytest.mark.skip(
+        reason="Triton interpreter: case outside the CI subset (SAP_KERNELS_FULL_TRITON=1 runs it)"
+    )
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend") != "triton" or item.path.name == "test_triton_ops.py":
+            continue
+        if zlib.crc32(item.nodeid.encode()) % _TRITON_SUBSET != 0:
+            item.add_marker(skip)
 
 
 def kernel_backends() -> list:

@@ -110,11 +110,6 @@ def test_sap_counts_exact_where_the_ratio_form_rounds_down():
     assert (int(r_t), int(c_t)) == (671, 79)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sparsity.sap_prune_counts computes floor(d * (1 - r/d)); 1 - 671/750 rounds "
-    "down, giving 78 (fix: floor(min(gamma (d - r), beta d)) as in sap.sap_counts)",
-)
 def test_sparsity_sap_prune_counts_exact_where_the_ratio_form_rounds_down():
     pqi = torch.tensor([1 - 670.5 / 750], dtype=torch.float64)
     r_t, c_t = sap_prune_counts(pqi, torch.tensor([750]))
