@@ -17,6 +17,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import random_weights  # noqa: E402
+
 from sap_kernels import reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -29,21 +31,7 @@ NEURON_SHAPES = [(7, 3), (1,), (5, 1), (3, 40), (2, 1500), (0, 4)]
 KINDS = ["normal", "heavy", "zeros", "ties"]
 
 
-def make_tensor(shape, dtype, kind: str, generator) -> torch.Tensor:
-    """Random weights: normal, heavy-tailed, ~30% exact zeros (with -0.0), or
-    few distinct values (exact ties)."""
-    n = 1
-    for s in shape:
-        n *= s
-    x = torch.randn(n, generator=generator, dtype=torch.float64)
-    if kind == "heavy":
-        x = x / torch.rand(n, generator=generator, dtype=torch.float64).clamp(min=1e-3) ** 0.7
-    elif kind == "zeros":
-        zero = torch.rand(n, generator=generator) < 0.3
-        x = torch.where(zero, torch.where(x > 0, 0.0, -0.0), x)
-    elif kind == "ties":
-        x = torch.randint(-4, 5, (n,), generator=generator).double() * 0.25
-    return x.to(dtype).reshape(shape)
+make_tensor = random_weights  # the shared test-weight factory (conftest)
 
 
 def make_inputs(shapes, dtype, masked: bool, seed: int, device):
