@@ -25,7 +25,6 @@ from .reference import key_bits_for, keys_to_values
 
 # Units per histogram call in layer scope: 64 x 65,536 int64 = 32 MiB.
 _UNITS_PER_HISTOGRAM = 64
-_HIGH_NONFINITE = {32: 0x7F80, 16: None}
 
 
 def _compiling() -> bool:
@@ -173,36 +172,24 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, t
         result = ops.rowwise_kth_key(backend, tensors, masks, key_bits, ks.to(tensors[0].device))
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
-    if scope == "global":
-        keys, below = _select_radix(
-            backend,
-            tensors,
-            masks,
-            code,
-            key_bits,
-            ks,
-            group,
-            argument,
-            allow_zero,
-            lambda u: "the retained weights",
-            nonfinite_digit,
-            tie_counts,
-        )
-        return keys, below, key_bits
+    labels = _unit_labels(weights, scope)
+    # Global scope is one unit over every tensor; layer scope batches its units
+    # so that the [units, 65536] histograms stay small.
+    step = len(tensors) if scope == "global" else _UNITS_PER_HISTOGRAM
     key_parts, below_parts = [], []
-    for start in range(0, len(tensors), _UNITS_PER_HISTOGRAM):
-        stop = min(start + _UNITS_PER_HISTOGRAM, len(tensors))
+    for start in range(0, len(tensors), step):
+        stop = min(start + step, len(tensors))
         keys, below = _select_radix(
             backend,
             tensors[start:stop],
             masks[start:stop],
             code,
             key_bits,
-            ks[start:stop],
+            ks if scope == "global" else ks[start:stop],
             group,
-            f"{argument}",
+            argument,
             allow_zero,
-            lambda u, start=start: weights.label(start + u),
+            lambda u, start=start: labels(start + u),
             nonfinite_digit,
             tie_counts,
         )
