@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._inputs import check_exponents, parameters_to_prune, scope_code
+from ._inputs import check_exponents, is_dtensor, parameters_to_prune, scope_code
 from .api import pq_sums
 from .selection import prune as prune_masks
 from .sparsity import pqi_from_sums, sap_prune_counts
@@ -182,6 +182,15 @@ class PruningRecord:
         return cls(**state)
 
 
+def _count_retained(mask: torch.Tensor) -> int:
+    """True entries of a mask; a DTensor mask (FSDP2) counts its global tensor,
+    replicas once, not the local shard."""
+    total = mask.sum()
+    if is_dtensor(total):
+        total = total.full_tensor()
+    return int(total)
+
+
 class Pruner:
     """Keeps the masks of `module`'s prunable parameters and prunes them.
 
@@ -229,7 +238,8 @@ class Pruner:
         return sum(mask.numel() for mask in self.masks)
 
     def retained_weights(self) -> int:
-        return int(sum(int(mask.sum()) for mask in self.masks))
+        """Retained prunable weights of the whole model (all ranks, for DTensor masks)."""
+        return sum(_count_retained(mask) for mask in self.masks)
 
     def density(self) -> float:
         """Fraction of the prunable weights still retained."""

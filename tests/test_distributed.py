@@ -351,6 +351,50 @@ def _scenario_fsdp(rank: int, world: int) -> None:
         assert int(everyone) == units, (int(everyone), units)
 
 
+def _scenario_pruner_fsdp(rank: int, world: int) -> None:
+    """The Pruner on an FSDP2 model keeps the same records (PQI, counts, densities)
+    and masks as on the unsharded model in one process, for every policy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    policies = [
+        sap_kernels.SAPPolicy(scope="global"),
+        sap_kernels.SAPPolicy(scope="layer"),
+        sap_kernels.OneShotPolicy(rate=0.3, scope="layer"),
+        sap_kernels.LotteryTicketPolicy(fraction=0.3),
+    ]
+    for policy in policies:
+        model = _small_model(6)
+        reference = copy.deepcopy(model)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        # float64 reference sums: split and whole tensors give the same counts
+        pruner = sap_kernels.Pruner(model, policy, backend="reference")
+        expected = sap_kernels.Pruner(reference, policy, backend="reference")
+        for _ in range(2):
+            record, want = pruner.prune(), expected.prune()
+            what = f"pruner {policy}"
+            _close(record.pqi, want.pqi, what)
+            for field in ("retained", "retained_bound", "pruned"):
+                assert torch.equal(getattr(record, field), getattr(want, field)), (what, field)
+            for field in ("global_pqi", "density_before", "density"):
+                assert math.isclose(getattr(record, field), getattr(want, field), rel_tol=1e-12), (
+                    what,
+                    field,
+                    getattr(record, field),
+                    getattr(want, field),
+                )
+            assert pruner.retained_weights() == expected.retained_weights()
+            assert pruner.total_weights() == expected.total_weights()
+            for mask, whole in zip(pruner.masks, expected.masks):
+                assert torch.equal(mask.to_local(), _dtensor_chunks(whole, world)[rank]), what
+        inputs = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(model(inputs), reference(inputs))
+
+
 def _scenario_ddp(rank: int, world: int) -> None:
     """Under DDP every rank holds the whole model: no group, identical masks everywhere."""
     from torch.nn.parallel import DistributedDataParallel
@@ -436,6 +480,7 @@ SCENARIOS = {
     "plain": _scenario_plain,
     "dtensor": _scenario_dtensor,
     "fsdp": _scenario_fsdp,
+    "pruner_fsdp": _scenario_pruner_fsdp,
     "ddp": _scenario_ddp,
     "errors": _scenario_errors,
 }
@@ -443,7 +488,7 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_matches_single_process(world):
-    run_job(world, ("plain", "dtensor", "fsdp", "ddp"))
+    run_job(world, ("plain", "dtensor", "fsdp", "pruner_fsdp", "ddp"))
 
 
 def test_bad_input_raises_on_every_rank():
