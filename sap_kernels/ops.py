@@ -54,6 +54,12 @@ def _triton_ops():
     return triton_ops
 
 
+def _triton_interpreter_runs_kernels() -> bool:
+    from .triton.interpreter import interpreter_runs_kernels
+
+    return interpreter_runs_kernels()
+
+
 def available_backends(device: torch.device) -> list[str]:
     """Backends that can run on tensors of `device`, fastest first."""
     return list(_backends_for_device_type(torch.device(device).type))
@@ -62,6 +68,8 @@ def available_backends(device: torch.device) -> list[str]:
 @functools.cache
 def _backends_for_device_type(device_type: str) -> tuple[str, ...]:
     names = []
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return ("reference",)  # a CUDA build of torch on a machine without a GPU
     if device_type == "cpu" and has_extension():
         names.append("cpu")
     if device_type == "cuda" and has_cuda_kernels():
@@ -70,7 +78,8 @@ def _backends_for_device_type(device_type: str) -> tuple[str, ...]:
     if device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         try:
             _triton_ops()
-            names.append("triton")
+            if device_type == "cuda" or _triton_interpreter_runs_kernels():
+                names.append("triton")
         except ImportError:
             pass
     names.append("reference")

@@ -3,6 +3,7 @@ JSON/markdown/plot outputs, failing backends reported in the table."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -52,7 +53,10 @@ def test_bench_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
                 assert row["max_abs_error"] == 0
     markdown = (out / "bench.md").read_text()
     assert markdown.count("| pqi_global |") >= 2
-    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional
+        assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert not (out / "bench.png").exists()
     assert "pqi_neuron" in printed and "wrote" in printed
 
 

@@ -8,9 +8,9 @@ chunk table of all that group's pieces; tensors are addressed by int64
 element offsets from the group's base pointer (see kernels.py), so the ops
 also run on CPU tensors under TRITON_INTERPRET=1.
 
-Not yet done: under torch.compile the op bodies are traced with fake tensors,
-which have no data pointer to take offsets from (DESIGN.md §6); a per-tensor
-launch path for that case is future work.
+Under torch.compile the op bodies are traced with fake tensors, which have no
+data pointer to take offsets from; each tensor then gets its own launch (see
+_pieces.make_groups). Untested: compiling a Triton op needs CUDA tensors.
 """
 
 import numpy as np
@@ -36,6 +36,17 @@ from ._pieces import (
     to_device,
     tracing,
 )
+
+
+def _launcher(kernel):
+    """`wrap_triton(kernel)`, so torch.compile can trace the launch. Under
+    TRITON_INTERPRET=1 a kernel is an InterpretedFunction, which torch 2.11's
+    wrap_triton rejects (2.13's accepts); the eager launch then goes unwrapped."""
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        return kernel
+
 
 # A piece holds at most PIECE_ELEMENTS weights (so a lane sums at most
 # PIECE_ELEMENTS / BLOCK float32 terms); a program walks about CHUNK_ELEMENTS.
@@ -108,7 +119,7 @@ def _masked_power_sums(
         columns = triton.next_power_of_2(row_length)
         rows = rows_of(weights[i])
         grid = (triton.cdiv(rows, SHORT_TILE // columns),)
-        wrap_triton(kernels.short_rows_power_sums_kernel)[grid](
+        _launcher(kernels.short_rows_power_sums_kernel)[grid](
             bits[i], mask_bytes[i] if mask_bytes[i] is not None else no_mask,
             0 if mask_bytes[i] is not None else -16, rows, row_length,
             int(np.searchsorted(pieces.tensor, i)), partials, p, q, safe_min, safe_max,
@@ -116,7 +127,7 @@ def _masked_power_sums(
             COLUMNS=columns,
         )  # fmt: skip
     for group in groups:
-        wrap_triton(kernels.power_sums_kernel)[(group.num_chunks,)](
+        _launcher(kernels.power_sums_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, partials,
             p, q, safe_min, safe_max,
             WEIGHT_TYPE=group.weight_type, **kinds, ALIGNED=group.aligned, BLOCK=BLOCK,
@@ -127,11 +138,11 @@ def _masked_power_sums(
     out = torch.empty((pieces.num_units, 3), dtype=torch.float64, device=device)
     unit_starts = to_device(pieces.unit_starts, device, trace)
     if scope == NEURON and pieces.num_units > 0:
-        wrap_triton(kernels.reduce_many_units_kernel)[(triton.cdiv(pieces.num_units, 1024),)](
+        _launcher(kernels.reduce_many_units_kernel)[(triton.cdiv(pieces.num_units, 1024),)](
             partials, unit_starts, out, pieces.num_units, UNITS=1024
         )
     elif pieces.num_units > 0:
-        wrap_triton(kernels.reduce_partials_kernel)[(pieces.num_units,)](
+        _launcher(kernels.reduce_partials_kernel)[(pieces.num_units,)](
             partials, unit_starts, out, BLOCK=REDUCE_BLOCK
         )
     return out
@@ -164,7 +175,7 @@ def _magnitude_histogram(
     histogram = torch.zeros((pieces.num_units, 65536), dtype=torch.int64, device=device)
     prefixes = prefixes.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
-        wrap_triton(select_kernels.histogram_kernel)[(group.num_chunks,)](
+        _launcher(select_kernels.histogram_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, prefixes,
             histogram,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, PASS_INDEX=pass_index,
@@ -195,7 +206,7 @@ def _rowwise_kth_key(
     nonfinite = torch.zeros(pieces.num_units, dtype=torch.int32, device=device)
     ks = ks.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
-        wrap_triton(select_kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
+        _launcher(select_kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
             group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
@@ -235,7 +246,7 @@ def _prune_masks(
     remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
     equal_counts = torch.zeros(pieces.count, dtype=torch.int64, device=device)
     for group in groups:
-        wrap_triton(select_kernels.count_equal_kernel)[(group.num_chunks,)](
+        _launcher(select_kernels.count_equal_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, threshold_keys,
             remove_equal, equal_counts,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=group.aligned, BLOCK=BLOCK,
@@ -255,7 +266,7 @@ def _prune_masks(
                 [out_views[i] if i in group.members else None for i in range(len(weights))]
             )
         out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
-        wrap_triton(select_kernels.prune_kernel)[(group.num_chunks,)](
+        _launcher(select_kernels.prune_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, out_base, group.table,
             to_device(out_begins, device, trace),
             group.chunk_starts, threshold_keys, remove_equal, equal_before,
@@ -279,7 +290,7 @@ def _apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
     pieces = make_pieces(targets, GLOBAL, PIECE_ELEMENTS)
     groups = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     for group in groups:
-        wrap_triton(select_kernels.apply_masks_kernel)[(group.num_chunks,)](
+        _launcher(select_kernels.apply_masks_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts,
             ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
