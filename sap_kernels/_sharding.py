@@ -108,7 +108,7 @@ def local_shards(tensors, masks, group, scope: str, group_given: bool) -> LocalS
         else:
             counted.append(w.reshape(-1)[:0])
             counted_masks.append(None if m is None else m.reshape(-1)[:0])
-    counted_weights = Weights(counted, weights.names)
+    counted_weights = Weights(counted, weights.names, argument=weights.argument)
     return LocalShards(
         weights, mask_list, counted_weights, counted_masks, sources, dtensors, has_replicas
     )

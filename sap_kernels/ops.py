@@ -99,18 +99,18 @@ def resolve_backend(backend: str, weights: list[torch.Tensor]) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = weights[0].device
-    if backend == "auto":
-        if any(w.dtype not in KERNEL_DTYPES for w in weights):
-            return "reference"  # e.g. float64: only the reference evaluates it
-        return _fastest_backend(device.type)
     if backend == "reference":
         return backend
-    for i, w in enumerate(weights):
-        if w.dtype not in KERNEL_DTYPES:
-            raise TypeError(
-                f"tensors[{i}] has dtype {w.dtype}; backend={backend!r} supports float32, "
-                "bfloat16 and float16 (use backend='reference' for others)"
-            )
+    supported = {w.dtype for w in weights} <= set(KERNEL_DTYPES)
+    if backend == "auto":
+        # e.g. float64: only the reference evaluates it
+        return _fastest_backend(device.type) if supported else "reference"
+    if not supported:
+        i, w = next((i, w) for i, w in enumerate(weights) if w.dtype not in KERNEL_DTYPES)
+        raise TypeError(
+            f"tensors[{i}] has dtype {w.dtype}; backend={backend!r} supports float32, "
+            "bfloat16 and float16 (use backend='reference' for others)"
+        )
     if backend == "cpu":
         if not has_extension():
             raise RuntimeError(f"backend='cpu' needs the compiled extension: {_extension_error()}")

@@ -162,7 +162,7 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights,
       // A prefix outside 0..65535 matches no key (pass 1 of an empty unit).
       const int64_t prefix = prefix_data[unit];
       if (pass_index == 1 && (prefix < 0 || prefix >= kBins)) continue;
-      if (unit != local.unit && seg.length < kSmallSegment) {
+      if (unit != local.unit && local.added > 0 && seg.length < kSmallSegment) {
         histogram_segment_atomic(shard, seg, key_bits, pass_index, uint32_t(prefix),
                                  out_data + unit * kBins);
         continue;
@@ -425,6 +425,7 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
   }
   auto with_weight_strides = [&]() {
     for (size_t i = 0; i < outs.size(); ++i) {
+      if (weights[i].is_contiguous()) continue;  // empty_like would be contiguous too
       at::Tensor like = at::empty_like(weights[i], weights[i].options().dtype(at::kBool));
       if (!like.is_contiguous()) outs[i] = like.copy_(outs[i]);
     }
