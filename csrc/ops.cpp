@@ -32,6 +32,15 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def(
       "rowwise_kth_key(Tensor[] weights, Tensor?[] masks, int key_bits, "
       "Tensor ks) -> Tensor");
+  // int64 [4] for the global scope, on CPU: (key of the k-th smallest retained
+  // magnitude, retained keys below it, retained count, retained non-finite
+  // count), found in one pass over the weights after bracketing the key with a
+  // sample of sample_size keys. key = -1 when k == 0, k is out of range or a
+  // retained weight is NaN or infinite; key = -2 when the sample missed (the
+  // caller then uses magnitude_histogram). k has shape [1].
+  m.def(
+      "kth_key_by_sample(Tensor[] weights, Tensor?[] masks, int key_bits, Tensor k, "
+      "int sample_size) -> Tensor");
   // New bool masks: retained weights with key < threshold_keys[unit] are
   // removed, and so are the first remove_equal[unit] retained weights with
   // key == threshold_keys[unit] in flat order. threshold_keys < 0 removes

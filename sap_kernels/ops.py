@@ -39,6 +39,10 @@ if has_extension():
     def _rowwise_kth_key_fake(weights, masks, key_bits, ks):
         return weights[0].new_empty((_fake_units(weights, _NEURON), 2), dtype=torch.int64)
 
+    @torch.library.register_fake("sap_kernels::kth_key_by_sample")
+    def _kth_key_by_sample_fake(weights, masks, key_bits, k, sample_size):
+        return weights[0].new_empty((4,), dtype=torch.int64)
+
     @torch.library.register_fake("sap_kernels::prune_masks")
     def _prune_masks_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
         return [torch.empty_like(w, dtype=torch.bool) for w in weights]
@@ -161,6 +165,17 @@ def rowwise_kth_key(backend: str, weights, masks, key_bits, ks):
     if backend == "triton":
         return _triton_ops().rowwise_kth_key(weights, masks, key_bits, ks)
     return torch.ops.sap_kernels.rowwise_kth_key(weights, masks, key_bits, ks)
+
+
+def has_sample_select(backend: str) -> bool:
+    """Whether `backend` has kth_key_by_sample (the one-pass global selection)."""
+    return backend == "cpu"
+
+
+def kth_key_by_sample(backend: str, weights, masks, key_bits, k, sample_size):
+    if not has_sample_select(backend):
+        raise NotImplementedError(f"kth_key_by_sample has no {backend!r} kernel")
+    return torch.ops.sap_kernels.kth_key_by_sample(weights, masks, key_bits, k, sample_size)
 
 
 def prune_masks(backend: str, weights, masks, scope, key_bits, threshold_keys, remove_equal):

@@ -25,6 +25,9 @@ from .reference import key_bits_for, keys_to_values
 
 # Units per histogram call in layer scope: 64 x 65,536 int64 = 32 MiB.
 _UNITS_PER_HISTOGRAM = 64
+# Keys sampled to bracket a global k-th key (kth_key_by_sample): the bracket
+# then holds about 1.6% of the weights.
+SAMPLE_SIZE = 65536
 
 
 def _compiling() -> bool:
@@ -134,6 +137,30 @@ def _select_radix(
     return keys, below
 
 
+def _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero):
+    """(keys, below) of the global scope in one pass (kth_key_by_sample), or None
+    when the sample missed the k-th key and the radix select must run. Eager
+    only: the miss is data-dependent, so compiled graphs use the radix select."""
+    if _compiling():
+        return None
+    key, below, retained, nonfinite = ops.kth_key_by_sample(
+        backend, tensors, masks, key_bits, ks, SAMPLE_SIZE
+    ).tolist()
+    if key == -2:
+        return None
+    labels = _unit_labels(None, "global")
+    if nonfinite > 0:
+        raise ValueError(f"{labels(0)} contains NaN or infinity among its retained weights")
+    _check_counts(ks, torch.tensor([retained]), argument, allow_zero, labels)
+    if int(ks[0]) == 0:
+        key, below = -1, 0
+    device = tensors[0].device
+    return (
+        torch.tensor([key], dtype=torch.int64, device=device),
+        torch.tensor([below], dtype=torch.int64, device=device),
+    )
+
+
 def _retained_per_unit(tensors, masks, scope: str) -> torch.Tensor:
     """Retained weights per unit, int64 on the CPU."""
     per_row = [
@@ -173,6 +200,11 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, t
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
     labels = _unit_labels(weights, scope)
+    # 32-bit keys: one pass instead of the radix select's two (16-bit keys need one)
+    if scope == "global" and group is None and key_bits == 32 and ops.has_sample_select(backend):
+        found = _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero)
+        if found is not None:
+            return (*found, key_bits)
     # Global scope is one unit over every tensor; layer scope batches its units
     # so that the [units, 65536] histograms stay small.
     step = len(tensors) if scope == "global" else _UNITS_PER_HISTOGRAM

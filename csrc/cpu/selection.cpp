@@ -33,6 +33,7 @@
 
 #include "../shards.h"
 #include "magnitudes.h"
+#include "selection_args.h"
 #include "selection_keys.h"
 
 namespace sap_kernels::cpu {
@@ -45,36 +46,6 @@ constexpr int64_t kSmallSegment = 4096;
 // Rows longer than this are selected by histogram (bounded memory) instead
 // of std::nth_element on a copy of the row.
 constexpr int64_t kLongRow = int64_t(1) << 16;
-
-ShardTable checked_table(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& masks,
-                         int64_t scope, int64_t key_bits, const char* op) {
-  ShardTable table = make_shard_table(weights, masks, scope, op);
-  TORCH_CHECK_VALUE(weights[0].device().is_cpu(), op, ": expected CPU tensors, got ",
-                    weights[0].device());
-  TORCH_CHECK_VALUE(key_bits == 16 || key_bits == 32, op, ": key_bits must be 16 or 32, got ",
-                    key_bits);
-  for (size_t i = 0; key_bits == 16 && i < table.shards.size(); ++i) {
-    const int32_t type = table.shards[i].type;
-    TORCH_CHECK_VALUE(type != kFloat32 && type == table.shards[0].type, op,
-                      ": key_bits=16 needs every weight to be bfloat16 or every weight ",
-                      "float16, but weights[", i, "] is ", weights[i].scalar_type(),
-                      " and weights[0] is ", weights[0].scalar_type());
-  }
-  return table;
-}
-
-// A 1-d int64 CPU tensor with one entry per unit.
-at::Tensor per_unit_values(const at::Tensor& values, int64_t units, const char* op,
-                           const char* name) {
-  TORCH_CHECK_VALUE(values.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
-                    values.device());
-  TORCH_CHECK_TYPE(!values.is_floating_point() && !values.is_complex() &&
-                       values.scalar_type() != at::kBool,
-                   op, ": ", name, " must hold integers, got ", values.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == units, op, ": ", name,
-                    " must have shape [", units, "] (one entry per unit), got ", values.sizes());
-  return values.to(at::kLong).contiguous();
-}
 
 // --- magnitude_histogram ---------------------------------------------------
 

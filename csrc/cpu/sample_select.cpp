@@ -1,0 +1,378 @@
+// Exact k-th smallest retained magnitude over all shards (global scope) in one
+// pass over the weights, by bracketing it with a sample first (DESIGN.md §5).
+//
+// kth_key_by_sample, with keys k(w) as in selection.cpp, r retained weights and
+// 1 <= k <= r:
+//   1. Sample s keys at stratified positions (one per stratum of n/s elements,
+//      deterministically jittered). Among the s' retained ones, the keys of
+//      ranks f s' -+ delta (f = k / r, r estimated from the sample; delta about
+//      4 standard deviations of a sample quantile) bracket the k-th key: lo, hi.
+//   2. One pass: below = #{retained : k(w) < lo}, the candidates C = {retained
+//      k(w) in [lo, hi]} (kept per chunk), and the retained and non-finite
+//      counts.
+//   3. If below < k <= below + |C|, the answer is the (k - below)-th smallest
+//      candidate: a 65,536-bin histogram of (key - lo) >> shift over C finds its
+//      bin and std::nth_element the key inside it. Otherwise the sample missed
+//      (rare), or C outgrew its budget (heavy ties around the k-th key): the
+//      result says so and the caller runs the radix select instead.
+//
+// Result int64 [4]: (key, below, retained, nonfinite), where below counts the
+// retained keys smaller than key. key = -1 when k == 0, when k is outside
+// [0, retained] or when a retained weight is NaN or infinite (the caller
+// raises); key = -2 on a miss.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "../shards.h"
+#include "magnitudes.h"
+#include "selection_args.h"
+#include "selection_keys.h"
+
+namespace sap_kernels::cpu {
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 16;
+constexpr int64_t kKeyUnknown = -1, kSampleMissed = -2;
+
+// A deterministic jitter in [0, 1) for stratum j (splitmix64 finaliser).
+double jitter(uint64_t j) {
+  uint64_t z = j + 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return double(z >> 11) * 0x1p-53;
+}
+
+// Keys of the retained weights at s stratified positions of the flat order.
+std::vector<uint32_t> sample_keys(const ShardTable& table, int64_t key_bits, int64_t s) {
+  const int64_t n = table.total_numel;
+  std::vector<int64_t> shard_end(table.shards.size());
+  int64_t end = 0;
+  for (size_t i = 0; i < table.shards.size(); ++i) shard_end[i] = end += table.shards[i].numel;
+  std::vector<int64_t> keys(s, -1);  // -1: the sampled weight is pruned
+  at::parallel_for(0, s, 4096, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      int64_t flat = int64_t((double(j) + jitter(uint64_t(j))) * double(n) / double(s));
+      flat = std::min(flat, n - 1);
+      const auto it = std::upper_bound(shard_end.begin(), shard_end.end(), flat);
+      const size_t i = size_t(it - shard_end.begin());
+      const Shard& shard = table.shards[i];
+      const int64_t offset = flat - (shard_end[i] - shard.numel);
+      if (shard.mask != nullptr && !shard.mask[offset]) continue;
+      keys[j] = magnitude_key(shard, offset, int(key_bits));
+    }
+  });
+  std::vector<uint32_t> retained;
+  retained.reserve(s);
+  for (const int64_t key : keys) {
+    if (key >= 0) retained.push_back(uint32_t(key));
+  }
+  return retained;
+}
+
+struct Bracket {
+  uint32_t lo = 0, hi = 0xffffffffu;
+};
+
+// Keys of sample ranks f s' -+ delta; the whole key range where the sample is
+// too small to say anything.
+Bracket bracket_from_sample(std::vector<uint32_t>& sample, int64_t s, int64_t n, int64_t k) {
+  const double taken = double(sample.size());
+  if (taken < 64) return {};
+  const double kept_fraction = taken / double(s);
+  const double f = std::min(1.0, double(k) / (kept_fraction * double(n)));
+  // Variance of the sample rank of the k-th key, plus that of the retained
+  // fraction's estimate (which moves the target rank when masks are given).
+  const double variance = taken * (f * (1.0 - f) + f * f * (1.0 - kept_fraction));
+  const double delta = 4.0 * std::sqrt(variance) + 8.0;
+  const double center = f * taken;
+  const int64_t rank_lo = int64_t(std::floor(center - delta));
+  const int64_t rank_hi = int64_t(std::ceil(center + delta));
+  Bracket bracket;
+  if (rank_hi < int64_t(sample.size())) {
+    std::nth_element(sample.begin(), sample.begin() + rank_hi, sample.end());
+    bracket.hi = sample[rank_hi];
+  }
+  if (rank_lo >= 0) {
+    const auto stop = rank_hi < int64_t(sample.size()) ? sample.begin() + rank_hi : sample.end();
+    std::nth_element(sample.begin(), sample.begin() + rank_lo, stop);
+    bracket.lo = sample[rank_lo];
+  }
+  return bracket;
+}
+
+struct ChunkCounts {
+  int64_t below = 0, retained = 0, nonfinite = 0;
+  std::vector<uint32_t> candidates;  // the first `used` entries; trimmed after the pass
+  int64_t used = 0;
+
+  // Room for one more block of candidates, written branch-free.
+  uint32_t* block_space(int64_t block) {
+    if (used + block > int64_t(candidates.size())) {
+      candidates.resize(std::max<int64_t>(2 * candidates.size(), used + std::max<int64_t>(block, 256)));
+    }
+    return candidates.data() + used;
+  }
+};
+
+template <int Type, int KeyBits, bool Masked>
+SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t length, Bracket b,
+                                  ChunkCounts& out) {
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  constexpr uint32_t nonfinite = nonfinite_key<Type, KeyBits>();
+  // The counts: one vectorised loop over the segment, reduced once.
+  int64_t below = 0, kept = 0, bad = 0;
+  for (int64_t i = 0; i < length; ++i) {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
+    below += keep & uint32_t(key < b.lo);
+    kept += keep;
+    bad += keep & uint32_t(key >= nonfinite);
+  }
+  out.below += below;
+  out.retained += kept;
+  out.nonfinite += bad;
+  if (b.lo > b.hi) return;  // an empty bracket: counts only
+  // The candidates, from the segment again (now in cache): blocks without one
+  // are skipped after a vectorised test; the others are copied branch-free,
+  // since whether a key is a candidate is as unpredictable as a coin toss.
+  constexpr int64_t kBlock = 32;
+  for (int64_t block = 0; block < length; block += kBlock) {
+    const int64_t n = std::min(kBlock, length - block);
+    uint32_t inside = 0;
+    for (int64_t i = block; i < block + n; ++i) {
+      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+      const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
+      inside |= keep & uint32_t(key - b.lo <= b.hi - b.lo);
+    }
+    if (inside == 0) continue;
+    uint32_t* space = out.block_space(kBlock);
+    int64_t taken = 0;
+    for (int64_t i = block; i < block + n; ++i) {
+      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+      const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
+      space[taken] = key;
+      taken += keep & uint32_t(key - b.lo <= b.hi - b.lo);
+    }
+    out.used += taken;
+  }
+}
+
+// AVX-512 (x86-64-v4): counts and candidates in a single loop. A block of 16
+// keys gives bit masks for "retained", "below lo", "in the bracket" and
+// "non-finite"; the counts are popcounts and the candidates are compressed
+// into place (register-form compress, then a plain store: the memory form is
+// microcoded and slow on Zen 4) without a branch.
+template <int Type, int KeyBits>
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_keys(const void* data,
+                                                                                  int64_t i) {
+  if constexpr (Type == kFloat32) {
+    const __m512i bits = _mm512_loadu_si512(static_cast<const uint32_t*>(data) + i);
+    return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  } else {
+    const __m256i half = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
+    const __m512i bits = _mm512_cvtepu16_epi32(half);
+    if constexpr (KeyBits == 16) return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff));
+    static_assert(KeyBits == 16 || Type == kBFloat16, "float16 with 32-bit keys is scalar");
+    return _mm512_and_si512(_mm512_slli_epi32(bits, 16), _mm512_set1_epi32(0x7fffffff));
+  }
+}
+
+template <int Type, int KeyBits, bool Masked>
+__attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(
+    const Shard& shard, int64_t begin, int64_t length, Bracket b, ChunkCounts& out) {
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  const __m512i lo = _mm512_set1_epi32(int(b.lo));
+  const __m512i width = _mm512_set1_epi32(int(b.hi - b.lo));
+  const __m512i nonfinite = _mm512_set1_epi32(int(nonfinite_key<Type, KeyBits>()));
+  const bool collect = b.lo <= b.hi;
+  int64_t below = 0, kept = 0, bad = 0, i = 0;
+  for (; i + 16 <= length; i += 16) {
+    const __m512i key = load_keys<Type, KeyBits>(shard.data, begin + i);
+    __mmask16 keep = 0xffff;
+    if constexpr (Masked) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
+      keep = _mm_test_epi8_mask(bytes, bytes);
+    }
+    below += _mm_popcnt_u32(_mm512_mask_cmplt_epu32_mask(keep, key, lo));
+    kept += _mm_popcnt_u32(keep);
+    bad += _mm_popcnt_u32(_mm512_mask_cmpge_epu32_mask(keep, key, nonfinite));
+    if (collect) {
+      const __mmask16 inside =
+          _mm512_mask_cmple_epu32_mask(keep, _mm512_sub_epi32(key, lo), width);
+      uint32_t* space = out.block_space(16);
+      _mm512_storeu_si512(space, _mm512_maskz_compress_epi32(inside, key));
+      out.used += _mm_popcnt_u32(inside);
+    }
+  }
+  out.below += below;
+  out.retained += kept;
+  out.nonfinite += bad;
+  if (i < length) count_and_collect<Type, KeyBits, Masked>(shard, begin + i, length - i, b, out);
+}
+
+__attribute__((target("arch=x86-64-v4"))) void count_and_collect_range_avx512(
+    const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, Bracket bracket,
+    ChunkCounts& out) {
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
+    constexpr int T = decltype(type)::value, B = decltype(bits)::value;
+    constexpr bool M = decltype(masked)::value;
+    if constexpr (T == kFloat16 && B == 32) {
+      count_and_collect<T, B, M>(shard, begin, length, bracket, out);
+    } else {
+      count_and_collect_avx512<T, B, M>(shard, begin, length, bracket, out);
+    }
+  });
+}
+
+bool has_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f") &&
+                                __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl");
+  return supported;
+}
+
+// Compiled once per instruction set (the counting loop vectorises).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void count_and_collect_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+                             Bracket bracket, ChunkCounts& out) {
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
+    count_and_collect<decltype(type)::value, decltype(bits)::value, decltype(masked)::value>(
+        shard, begin, length, bracket, out);
+  });
+}
+
+// The rank-th (1-based) smallest of the candidates, all in [lo, hi], and the
+// number of candidates smaller than it.
+std::pair<uint32_t, int64_t> select_candidate(const std::vector<ChunkCounts>& chunks, Bracket b,
+                                              int64_t rank) {
+  const uint32_t span = b.hi - b.lo;
+  const int width = span == 0 ? 0 : 32 - __builtin_clz(span);
+  const int shift = std::max(0, width - 16);
+  std::vector<int64_t> bins(kBins, 0);
+  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    std::vector<uint32_t> local(kBins, 0);
+    int64_t added = 0;
+    for (int64_t c = first; c < last; ++c) {
+      for (const uint32_t key : chunks[c].candidates) ++local[(key - b.lo) >> shift];
+      added += int64_t(chunks[c].candidates.size());
+    }
+    if (added == 0) return;
+    for (int64_t d = 0; d < kBins; ++d) {
+      if (local[d] != 0) __atomic_fetch_add(&bins[d], int64_t(local[d]), __ATOMIC_RELAXED);
+    }
+  });
+  int64_t below = 0;
+  uint32_t digit = 0;
+  while (below + bins[digit] < rank) below += bins[digit++];
+  if (shift == 0) return {b.lo + digit, below};
+  std::vector<uint32_t> in_bin;
+  in_bin.reserve(size_t(bins[digit]));
+  for (const ChunkCounts& chunk : chunks) {
+    for (const uint32_t key : chunk.candidates) {
+      if (((key - b.lo) >> shift) == digit) in_bin.push_back(key);
+    }
+  }
+  const int64_t r = rank - below - 1;
+  std::nth_element(in_bin.begin(), in_bin.begin() + r, in_bin.end());
+  const uint32_t key = in_bin[r];
+  below += std::count_if(in_bin.begin(), in_bin.begin() + r, [key](uint32_t x) { return x < key; });
+  return {key, below};
+}
+
+at::Tensor kth_key_by_sample_cpu(at::TensorList weights,
+                                 const c10::List<std::optional<at::Tensor>>& masks,
+                                 int64_t key_bits, const at::Tensor& k_tensor,
+                                 int64_t sample_size) {
+  constexpr const char* op = "kth_key_by_sample";
+  const ShardTable table = checked_table(weights, masks, kGlobal, key_bits, op);
+  const int64_t k = per_unit_values(k_tensor, 1, op, "k").item<int64_t>();
+  TORCH_CHECK_VALUE(sample_size >= 1, op, ": sample_size must be >= 1, got ", sample_size);
+  const int64_t n = table.total_numel;
+  at::Tensor result = at::empty({4}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = result.data_ptr<int64_t>();
+
+  // Small inputs (or a sample as large as the input) keep every retained key.
+  const int64_t s = std::min(sample_size, n);
+  Bracket bracket;
+  if (k <= 0 || k > n) {
+    bracket = Bracket{0xffffffffu, 0};  // no candidates: only the counts are wanted
+  } else if (n > 4 * s) {
+    std::vector<uint32_t> sample = sample_keys(table, key_bits, s);
+    bracket = bracket_from_sample(sample, s, n, k);
+  }
+  // Typical brackets hold ~1.6% of the weights (s = 65,536); a sixteenth plus
+  // 16 s keys (1M) leaves room for unlucky ones and bounds the memory.
+  const int64_t budget = n / 16 + 16 * s;
+
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(table, kGlobal, kChunk, segments, chunk_starts);
+  const int64_t num_chunks = int64_t(chunk_starts.size()) - 1;
+  std::vector<ChunkCounts> chunks(num_chunks);
+  const bool avx512 = has_avx512() && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
+  std::atomic<int64_t> collected{0};
+  std::atomic<bool> overflow{false};
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last && !overflow.load(std::memory_order_relaxed); ++c) {
+      for (int64_t i = chunk_starts[c]; i < chunk_starts[c + 1]; ++i) {
+        const Segment& seg = segments[i];
+        const Shard& shard = table.shards[seg.shard];
+        if (avx512) {
+          count_and_collect_range_avx512(shard, key_bits, seg.begin, seg.length, bracket,
+                                         chunks[c]);
+        } else {
+          count_and_collect_range(shard, key_bits, seg.begin, seg.length, bracket, chunks[c]);
+        }
+      }
+      chunks[c].candidates.resize(chunks[c].used);
+      const int64_t size = chunks[c].used;
+      if (collected.fetch_add(size, std::memory_order_relaxed) + size > budget) {
+        overflow.store(true, std::memory_order_relaxed);
+      }
+    }
+  });
+  if (overflow.load()) {
+    out[0] = kSampleMissed;
+    out[1] = out[2] = out[3] = 0;
+    return result;
+  }
+  int64_t below = 0, retained = 0, nonfinite = 0, candidates = 0;
+  for (const ChunkCounts& chunk : chunks) {
+    below += chunk.below;
+    retained += chunk.retained;
+    nonfinite += chunk.nonfinite;
+    candidates += int64_t(chunk.candidates.size());
+  }
+  out[1] = 0;
+  out[2] = retained;
+  out[3] = nonfinite;
+  if (k <= 0 || k > retained || nonfinite > 0) {
+    out[0] = kKeyUnknown;
+    return result;
+  }
+  if (k <= below || k > below + candidates) {
+    out[0] = kSampleMissed;
+    return result;
+  }
+  const auto [key, below_in_bracket] = select_candidate(chunks, bracket, k - below);
+  out[0] = key;
+  out[1] = below + below_in_bracket;
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) { m.impl("kth_key_by_sample", &kth_key_by_sample_cpu); }
+
+}  // namespace sap_kernels::cpu

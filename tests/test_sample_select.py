@@ -1,0 +1,131 @@
+"""kth_key_by_sample (CPU, global scope): one pass after bracketing the k-th key
+with a sample. Whatever the sample size, a result other than a miss (-2) must
+equal the radix select's (key, below); through the API a miss falls back to
+the radix select, so thresholds and masks stay exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_mask, random_weights
+
+import sap_kernels
+from sap_kernels import reference, selection
+
+pytestmark = pytest.mark.skipif(
+    not sap_kernels.has_extension(), reason="the compiled extension sap_kernels._C is not built"
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+KINDS = ["normal", "ties", "zeros", "heavy"]
+# 4 and 16: too few sampled keys to bracket anything (every retained key is a
+# candidate, which overflows the budget of n/16 + 16 s: a miss); 100 and 1000:
+# real brackets; 65,536: the default, larger than these inputs (no sampling).
+SAMPLE_SIZES = [4, 16, 100, 1000, 65536]
+SHAPES = [(97, 13), (4001,), (5, 1), (1, 1), (3, 40, 50), (2, 20_001)]
+MISS = -2
+
+
+def radix_key_and_below(weights, masks, k: int):
+    """(key, below) of the k-th smallest retained key by the float64 reference ops."""
+    key_bits = reference.key_bits_for(weights)
+    ks = torch.tensor([k])
+    nonfinite = selection._nonfinite_digit(key_bits, weights[0].dtype)
+    keys, below = selection._select_radix(
+        "reference", weights, masks, 0, key_bits, ks, None, "k", False, str, nonfinite
+    )
+    return int(keys[0]), int(below[0])
+
+
+def make_inputs(dtype, kind, masked, generator):
+    weights = [random_weights(s, dtype, kind, generator) for s in SHAPES]
+    masks = [random_mask(s, 0.4, generator) if masked and i % 2 == 0 else None
+             for i, s in enumerate(SHAPES)]  # fmt: skip
+    retained = sum(w.numel() if m is None else int(m.sum()) for w, m in zip(weights, masks))
+    return weights, masks, retained
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_sample_select_matches_radix(dtype, kind, masked, generator):
+    weights, masks, retained = make_inputs(dtype, kind, masked, generator)
+    key_bits = reference.key_bits_for(weights)
+    ks = [1, retained, *torch.randint(1, retained + 1, (6,), generator=generator).tolist()]
+    outcomes = set()
+    for k in ks:
+        want = radix_key_and_below(weights, masks, k)
+        for sample_size in SAMPLE_SIZES:
+            got = torch.ops.sap_kernels.kth_key_by_sample(
+                weights, masks, key_bits, torch.tensor([k]), sample_size
+            ).tolist()
+            if got[0] == MISS:
+                outcomes.add("miss")
+                continue
+            outcomes.add("found")
+            assert got[2:] == [retained, 0], (k, sample_size, got)
+            assert (got[0], got[1]) == want, (k, sample_size, got, want)
+    assert outcomes == {"miss", "found"}  # both paths ran
+
+
+def test_sample_select_edge_cases(generator):
+    weights = [random_weights((300, 7), torch.float32, "normal", generator)]
+    count = torch.ops.sap_kernels.kth_key_by_sample
+    assert count(weights, [None], 32, torch.tensor([0]), 100).tolist() == [-1, 0, 2100, 0]
+    assert count(weights, [None], 32, torch.tensor([2101]), 100).tolist()[0] == -1
+    weights[0][5, 5] = float("nan")
+    assert count(weights, [None], 32, torch.tensor([3]), 100).tolist()[3] == 1
+    masks = [torch.ones(300, 7, dtype=torch.bool)]
+    masks[0][5, 5] = False  # a pruned NaN is not counted
+    assert count(weights, masks, 32, torch.tensor([3]), 100).tolist()[2:] == [2099, 0]
+    with pytest.raises(ValueError, match="sample_size must be >= 1"):
+        count(weights, masks, 32, torch.tensor([3]), 0)
+    with pytest.raises(ValueError, match=r"k must have shape \[1\]"):
+        count(weights, masks, 32, torch.tensor([3, 4]), 100)
+
+
+@pytest.mark.parametrize("sample_size", [4, 100, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_api_exact_with_any_sample_size(sample_size, dtype, kind, generator, monkeypatch):
+    """Thresholds and masks of the CPU backend equal the reference backend's,
+    whether the sample brackets the key, misses it, or is not taken."""
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", sample_size)
+    weights, masks, retained = make_inputs(dtype, kind, True, generator)
+    for k in (1, retained // 3, retained):
+        got = sap_kernels.magnitude_threshold(weights, k, masks, backend="cpu")
+        want = sap_kernels.magnitude_threshold(weights, k, masks, backend="reference")
+        assert torch.equal(got, want), (k, got, want)
+        new = sap_kernels.prune(weights, masks, k, backend="cpu")
+        expected = reference.prune_by_stable_sort(weights, masks, torch.tensor([k]), "global")
+        assert all(torch.equal(a, b) for a, b in zip(new, expected))
+
+
+def test_opcheck_kth_key_by_sample(generator):
+    weights, masks, retained = make_inputs(torch.float32, "normal", True, generator)
+    for sample_size in (4, 1000):
+        torch.library.opcheck(
+            torch.ops.sap_kernels.kth_key_by_sample.default,
+            (weights, masks, 32, torch.tensor([retained // 2]), sample_size),
+        )
+
+
+@pytest.mark.parametrize("no_avx512", [False, True])
+def test_vector_and_scalar_paths_agree(no_avx512, generator, monkeypatch):
+    """SAP_KERNELS_NO_AVX512 forces the portable loop (what machines without
+    AVX-512 run); both must give the radix select's answer."""
+    if no_avx512:
+        monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
+    for dtype in [*DTYPES, "mixed"]:
+        if dtype == "mixed":  # 32-bit keys from float16 and bfloat16 weights too
+            weights, masks, retained = make_inputs(torch.float32, "zeros", True, generator)
+            weights[0], weights[1] = weights[0].half(), weights[1].bfloat16()
+        else:
+            weights, masks, retained = make_inputs(dtype, "zeros", True, generator)
+        key_bits = reference.key_bits_for(weights)
+        for k in (1, retained // 2, retained):
+            got = torch.ops.sap_kernels.kth_key_by_sample(
+                weights, masks, key_bits, torch.tensor([k]), 100
+            ).tolist()
+            if got[0] != MISS:
+                assert (got[0], got[1]) == radix_key_and_below(weights, masks, k)
