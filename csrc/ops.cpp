@@ -41,6 +41,14 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def(
       "kth_key_by_sample(Tensor[] weights, Tensor?[] masks, int key_bits, Tensor k, "
       "int sample_size) -> Tensor");
+  // prune_masks for the global scope on CPU in one pass, choosing the
+  // threshold as kth_key_by_sample does (k = count): new contiguous bool masks
+  // with the count retained weights of smallest magnitude removed (ties in flat
+  // order), and that op's int64 [4] status. When the status key is -2 (a miss)
+  // or -1 (count 0 or out of range, NaN or infinity), the masks are undefined.
+  m.def(
+      "prune_masks_by_sample(Tensor[] weights, Tensor?[] masks, int key_bits, Tensor count, "
+      "int sample_size) -> (Tensor[], Tensor)");
   // New bool masks: retained weights with key < threshold_keys[unit] are
   // removed, and so are the first remove_equal[unit] retained weights with
   // key == threshold_keys[unit] in flat order. threshold_keys < 0 removes

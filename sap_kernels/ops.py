@@ -43,6 +43,11 @@ if has_extension():
     def _kth_key_by_sample_fake(weights, masks, key_bits, k, sample_size):
         return weights[0].new_empty((4,), dtype=torch.int64)
 
+    @torch.library.register_fake("sap_kernels::prune_masks_by_sample")
+    def _prune_masks_by_sample_fake(weights, masks, key_bits, count, sample_size):
+        new_masks = [w.new_empty(w.shape, dtype=torch.bool) for w in weights]
+        return new_masks, weights[0].new_empty((4,), dtype=torch.int64)
+
     @torch.library.register_fake("sap_kernels::prune_masks")
     def _prune_masks_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
         return [torch.empty_like(w, dtype=torch.bool) for w in weights]
@@ -176,6 +181,12 @@ def kth_key_by_sample(backend: str, weights, masks, key_bits, k, sample_size):
     if not has_sample_select(backend):
         raise NotImplementedError(f"kth_key_by_sample has no {backend!r} kernel")
     return torch.ops.sap_kernels.kth_key_by_sample(weights, masks, key_bits, k, sample_size)
+
+
+def prune_masks_by_sample(backend: str, weights, masks, key_bits, count, sample_size):
+    if not has_sample_select(backend):
+        raise NotImplementedError(f"prune_masks_by_sample has no {backend!r} kernel")
+    return torch.ops.sap_kernels.prune_masks_by_sample(weights, masks, key_bits, count, sample_size)
 
 
 def prune_masks(backend: str, weights, masks, scope, key_bits, threshold_keys, remove_equal):

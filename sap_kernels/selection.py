@@ -137,28 +137,41 @@ def _select_radix(
     return keys, below
 
 
-def _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero):
-    """(keys, below) of the global scope in one pass (kth_key_by_sample), or None
-    when the sample missed the k-th key and the radix select must run. Eager
-    only: the miss is data-dependent, so compiled graphs use the radix select."""
-    if _compiling():
-        return None
-    key, below, retained, nonfinite = ops.kth_key_by_sample(
-        backend, tensors, masks, key_bits, ks, SAMPLE_SIZE
-    ).tolist()
+def _uses_sample_select(backend, scope: str, group, key_bits: int) -> bool:
+    """The one-pass global selection applies: 32-bit keys (16-bit keys need a
+    single radix pass anyway), one process, eager mode (a miss is data-dependent,
+    so compiled graphs use the radix select)."""
+    return (
+        scope == "global"
+        and group is None
+        and key_bits == 32
+        and ops.has_sample_select(backend)
+        and not _compiling()
+    )
+
+
+def _sample_result(status, ks, argument, allow_zero):
+    """(key, below) from a kth_key_by_sample status, raising the radix select's
+    errors; None when the sample missed."""
+    key, below, retained, nonfinite = status.tolist()
     if key == -2:
         return None
     labels = _unit_labels(None, "global")
     if nonfinite > 0:
         raise ValueError(f"{labels(0)} contains NaN or infinity among its retained weights")
     _check_counts(ks, torch.tensor([retained]), argument, allow_zero, labels)
-    if int(ks[0]) == 0:
-        key, below = -1, 0
+    return (-1, 0) if int(ks[0]) == 0 else (key, below)
+
+
+def _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero):
+    """(keys, below) of the global scope in one pass (kth_key_by_sample), or None
+    when the sample missed the k-th key and the radix select must run."""
+    status = ops.kth_key_by_sample(backend, tensors, masks, key_bits, ks, SAMPLE_SIZE)
+    found = _sample_result(status, ks, argument, allow_zero)
+    if found is None:
+        return None
     device = tensors[0].device
-    return (
-        torch.tensor([key], dtype=torch.int64, device=device),
-        torch.tensor([below], dtype=torch.int64, device=device),
-    )
+    return tuple(torch.tensor([value], dtype=torch.int64, device=device) for value in found)
 
 
 def _retained_per_unit(tensors, masks, scope: str) -> torch.Tensor:
@@ -200,8 +213,7 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, t
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
     labels = _unit_labels(weights, scope)
-    # 32-bit keys: one pass instead of the radix select's two (16-bit keys need one)
-    if scope == "global" and group is None and key_bits == 32 and ops.has_sample_select(backend):
+    if _uses_sample_select(backend, scope, group, key_bits):
         found = _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero)
         if found is not None:
             return (*found, key_bits)
@@ -299,6 +311,19 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
     code = scope_code(scope)
     chosen = ops.resolve_backend(backend, weights.tensors)
     counts = _per_unit(counts, num_units(weights, scope), "counts", weights, scope)
+    tensors = weights.tensors
+    key_bits = key_bits_for(tensors)
+    if (
+        _uses_sample_select(chosen, scope, group, key_bits)
+        and int(counts[0]) > 0
+        and all(w.is_contiguous() for w in tensors)  # its masks are contiguous
+    ):
+        # threshold and masks in one pass; the radix select only after a miss
+        new_masks, status = ops.prune_masks_by_sample(
+            chosen, tensors, mask_list, key_bits, counts, SAMPLE_SIZE
+        )
+        if _sample_result(status, counts, "counts", True) is not None:
+            return new_masks
     keys, below, key_bits = _kth_keys(
         chosen, weights, mask_list, scope, counts, group, "counts", True
     )

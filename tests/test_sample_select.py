@@ -129,3 +129,40 @@ def test_vector_and_scalar_paths_agree(no_avx512, generator, monkeypatch):
             ).tolist()
             if got[0] != MISS:
                 assert (got[0], got[1]) == radix_key_and_below(weights, masks, k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("no_avx512", [False, True])
+def test_prune_masks_by_sample_matches_stable_sort(kind, masked, no_avx512, generator, monkeypatch):
+    """Unless the sample missed, the one-pass masks equal the stable-sort oracle's
+    (ties removed in flat order) and the status equals kth_key_by_sample's."""
+    if no_avx512:
+        monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
+    weights, masks, retained = make_inputs(torch.float32, kind, masked, generator)
+    weights[0], weights[1] = weights[0].half(), weights[1].bfloat16()  # 32-bit keys of both
+    outcomes = set()
+    counts = [1, retained, *torch.randint(1, retained + 1, (4,), generator=generator).tolist()]
+    for count in counts:
+        expected = reference.prune_by_stable_sort(weights, masks, torch.tensor([count]), "global")
+        for sample_size in SAMPLE_SIZES:
+            args = (weights, masks, 32, torch.tensor([count]), sample_size)
+            new_masks, status = torch.ops.sap_kernels.prune_masks_by_sample(*args)
+            assert status.tolist() == torch.ops.sap_kernels.kth_key_by_sample(*args).tolist()
+            if int(status[0]) == MISS:
+                outcomes.add("miss")
+                continue
+            outcomes.add("found")
+            for got, want in zip(new_masks, expected):
+                assert got.dtype == torch.bool and got.shape == want.shape
+                assert torch.equal(got, want), (count, sample_size)
+    assert outcomes == {"miss", "found"}
+
+
+def test_opcheck_prune_masks_by_sample(generator):
+    weights, masks, retained = make_inputs(torch.float32, "ties", True, generator)
+    for sample_size in (4, 1000):
+        torch.library.opcheck(
+            torch.ops.sap_kernels.prune_masks_by_sample.default,
+            (weights, masks, 32, torch.tensor([retained // 2]), sample_size),
+        )

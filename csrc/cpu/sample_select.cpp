@@ -112,24 +112,37 @@ Bracket bracket_from_sample(std::vector<uint32_t>& sample, int64_t s, int64_t n,
 
 struct ChunkCounts {
   int64_t below = 0, retained = 0, nonfinite = 0;
-  std::vector<uint32_t> candidates;  // the first `used` entries; trimmed after the pass
+  // The first `used` entries are the candidates' keys and (when pruning) their
+  // element indices within the chunk; trimmed after the pass.
+  std::vector<uint32_t> candidates, positions;
   int64_t used = 0;
 
   // Room for one more block of candidates, written branch-free.
-  uint32_t* block_space(int64_t block) {
-    if (used + block > int64_t(candidates.size())) {
-      candidates.resize(std::max<int64_t>(2 * candidates.size(), used + std::max<int64_t>(block, 256)));
-    }
-    return candidates.data() + used;
+  void reserve_block(int64_t block, bool with_positions) {
+    if (used + block <= int64_t(candidates.size())) return;
+    const int64_t size = std::max<int64_t>(2 * candidates.size(), used + std::max<int64_t>(block, 256));
+    candidates.resize(size);
+    if (with_positions) positions.resize(size);
+  }
+  void trim() {
+    candidates.resize(used);
+    if (!positions.empty()) positions.resize(used);
   }
 };
 
-template <int Type, int KeyBits, bool Masked>
+// Where a pruning pass writes: the segment's new mask (m_i and k_i >= lo, the
+// candidates fixed up later) and the chunk index of its first element.
+struct MaskOutput {
+  bool* mask = nullptr;  // nullptr: counting only
+  uint32_t position = 0;
+};
+
+template <int Type, int KeyBits, bool Masked, bool Prune>
 SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t length, Bracket b,
-                                  ChunkCounts& out) {
+                                  ChunkCounts& out, MaskOutput write) {
   const bool* mask = Masked ? shard.mask + begin : nullptr;
   constexpr uint32_t nonfinite = nonfinite_key<Type, KeyBits>();
-  // The counts: one vectorised loop over the segment, reduced once.
+  // The counts (and new masks): one vectorised loop over the segment.
   int64_t below = 0, kept = 0, bad = 0;
   for (int64_t i = 0; i < length; ++i) {
     const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
@@ -137,6 +150,7 @@ SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t len
     below += keep & uint32_t(key < b.lo);
     kept += keep;
     bad += keep & uint32_t(key >= nonfinite);
+    if constexpr (Prune) write.mask[i] = bool(keep & uint32_t(key >= b.lo));
   }
   out.below += below;
   out.retained += kept;
@@ -155,23 +169,26 @@ SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t len
       inside |= keep & uint32_t(key - b.lo <= b.hi - b.lo);
     }
     if (inside == 0) continue;
-    uint32_t* space = out.block_space(kBlock);
+    out.reserve_block(kBlock, Prune);
+    uint32_t* keys = out.candidates.data() + out.used;
+    uint32_t* positions = Prune ? out.positions.data() + out.used : nullptr;
     int64_t taken = 0;
     for (int64_t i = block; i < block + n; ++i) {
       const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
       const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
-      space[taken] = key;
+      keys[taken] = key;
+      if constexpr (Prune) positions[taken] = write.position + uint32_t(i);
       taken += keep & uint32_t(key - b.lo <= b.hi - b.lo);
     }
     out.used += taken;
   }
 }
 
-// AVX-512 (x86-64-v4): counts and candidates in a single loop. A block of 16
-// keys gives bit masks for "retained", "below lo", "in the bracket" and
-// "non-finite"; the counts are popcounts and the candidates are compressed
-// into place (register-form compress, then a plain store: the memory form is
-// microcoded and slow on Zen 4) without a branch.
+// AVX-512 (x86-64-v4): counts, new masks and candidates in a single loop. A
+// block of 16 keys gives bit masks for "retained", "below lo", "in the
+// bracket" and "non-finite"; the counts are popcounts and the candidates are
+// compressed into place (register-form compress, then a plain store: the
+// memory form is microcoded and slow on Zen 4) without a branch.
 template <int Type, int KeyBits>
 __attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_keys(const void* data,
                                                                                   int64_t i) {
@@ -188,13 +205,15 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_key
   }
 }
 
-template <int Type, int KeyBits, bool Masked>
+template <int Type, int KeyBits, bool Masked, bool Prune>
 __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(
-    const Shard& shard, int64_t begin, int64_t length, Bracket b, ChunkCounts& out) {
+    const Shard& shard, int64_t begin, int64_t length, Bracket b, ChunkCounts& out,
+    MaskOutput write) {
   const bool* mask = Masked ? shard.mask + begin : nullptr;
   const __m512i lo = _mm512_set1_epi32(int(b.lo));
   const __m512i width = _mm512_set1_epi32(int(b.hi - b.lo));
   const __m512i nonfinite = _mm512_set1_epi32(int(nonfinite_key<Type, KeyBits>()));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const bool collect = b.lo <= b.hi;
   int64_t below = 0, kept = 0, bad = 0, i = 0;
   for (; i + 16 <= length; i += 16) {
@@ -204,33 +223,53 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
       keep = _mm_test_epi8_mask(bytes, bytes);
     }
-    below += _mm_popcnt_u32(_mm512_mask_cmplt_epu32_mask(keep, key, lo));
+    const __mmask16 low = _mm512_mask_cmplt_epu32_mask(keep, key, lo);
+    below += _mm_popcnt_u32(low);
     kept += _mm_popcnt_u32(keep);
     bad += _mm_popcnt_u32(_mm512_mask_cmpge_epu32_mask(keep, key, nonfinite));
+    if constexpr (Prune) {
+      const __m128i ones = _mm_maskz_set1_epi8(__mmask16(keep & ~low), 1);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(write.mask + i), ones);
+    }
     if (collect) {
       const __mmask16 inside =
           _mm512_mask_cmple_epu32_mask(keep, _mm512_sub_epi32(key, lo), width);
-      uint32_t* space = out.block_space(16);
-      _mm512_storeu_si512(space, _mm512_maskz_compress_epi32(inside, key));
+      out.reserve_block(16, Prune);
+      _mm512_storeu_si512(out.candidates.data() + out.used,
+                          _mm512_maskz_compress_epi32(inside, key));
+      if constexpr (Prune) {
+        const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int(write.position + i)), lane);
+        _mm512_storeu_si512(out.positions.data() + out.used,
+                            _mm512_maskz_compress_epi32(inside, index));
+      }
       out.used += _mm_popcnt_u32(inside);
     }
   }
   out.below += below;
   out.retained += kept;
   out.nonfinite += bad;
-  if (i < length) count_and_collect<Type, KeyBits, Masked>(shard, begin + i, length - i, b, out);
+  if (i < length) {
+    MaskOutput tail{Prune ? write.mask + i : nullptr, write.position + uint32_t(i)};
+    count_and_collect<Type, KeyBits, Masked, Prune>(shard, begin + i, length - i, b, out, tail);
+  }
 }
 
 __attribute__((target("arch=x86-64-v4"))) void count_and_collect_range_avx512(
     const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, Bracket bracket,
-    ChunkCounts& out) {
+    ChunkCounts& out, MaskOutput write) {
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
     constexpr bool M = decltype(masked)::value;
     if constexpr (T == kFloat16 && B == 32) {
-      count_and_collect<T, B, M>(shard, begin, length, bracket, out);
+      if (write.mask != nullptr) {
+        count_and_collect<T, B, M, true>(shard, begin, length, bracket, out, write);
+      } else {
+        count_and_collect<T, B, M, false>(shard, begin, length, bracket, out, write);
+      }
+    } else if (write.mask != nullptr) {
+      count_and_collect_avx512<T, B, M, true>(shard, begin, length, bracket, out, write);
     } else {
-      count_and_collect_avx512<T, B, M>(shard, begin, length, bracket, out);
+      count_and_collect_avx512<T, B, M, false>(shard, begin, length, bracket, out, write);
     }
   });
 }
@@ -245,10 +284,15 @@ bool has_avx512() {
 // Compiled once per instruction set (the counting loop vectorises).
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void count_and_collect_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
-                             Bracket bracket, ChunkCounts& out) {
+                             Bracket bracket, ChunkCounts& out, MaskOutput write) {
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
-    count_and_collect<decltype(type)::value, decltype(bits)::value, decltype(masked)::value>(
-        shard, begin, length, bracket, out);
+    constexpr int T = decltype(type)::value, B = decltype(bits)::value;
+    constexpr bool M = decltype(masked)::value;
+    if (write.mask != nullptr) {
+      count_and_collect<T, B, M, true>(shard, begin, length, bracket, out, write);
+    } else {
+      count_and_collect<T, B, M, false>(shard, begin, length, bracket, out, write);
+    }
   });
 }
 
@@ -290,6 +334,100 @@ std::pair<uint32_t, int64_t> select_candidate(const std::vector<ChunkCounts>& ch
   return {key, below};
 }
 
+// The sample, the pass and the selection among candidates, shared by both ops.
+struct SamplePass {
+  Bracket bracket;
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  std::vector<ChunkCounts> chunks;
+  // (key, below, retained, nonfinite) as the ops return them
+  int64_t key = kKeyUnknown, below = 0, retained = 0, nonfinite = 0;
+};
+
+// Brackets the k-th key, runs the pass (writing m_i and k_i >= lo into
+// new_masks when given) and selects the key among the candidates.
+SamplePass run_sample_pass(const ShardTable& table, int64_t key_bits, int64_t k,
+                           int64_t sample_size, const std::vector<bool*>* new_masks) {
+  SamplePass pass;
+  const int64_t n = table.total_numel;
+  // Small inputs (or a sample as large as the input) keep every retained key.
+  const int64_t s = std::min(sample_size, n);
+  if (k <= 0 || k > n) {
+    pass.bracket = Bracket{0xffffffffu, 0};  // no candidates: only the counts are wanted
+  } else if (n > 4 * s) {
+    std::vector<uint32_t> sample = sample_keys(table, key_bits, s);
+    pass.bracket = bracket_from_sample(sample, s, n, k);
+  }
+  // Typical brackets hold ~1.6% of the weights (s = 65,536); a sixteenth plus
+  // 16 s keys (1M) leaves room for unlucky ones and bounds the memory.
+  const int64_t budget = n / 16 + 16 * s;
+
+  make_segments(table, kGlobal, kChunk, pass.segments, pass.chunk_starts);
+  const int64_t num_chunks = int64_t(pass.chunk_starts.size()) - 1;
+  pass.chunks.resize(num_chunks);
+  const bool avx512 = has_avx512() && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
+  std::atomic<int64_t> collected{0};
+  std::atomic<bool> overflow{false};
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last && !overflow.load(std::memory_order_relaxed); ++c) {
+      ChunkCounts& chunk = pass.chunks[c];
+      uint32_t position = 0;
+      for (int64_t i = pass.chunk_starts[c]; i < pass.chunk_starts[c + 1]; ++i) {
+        const Segment& seg = pass.segments[i];
+        const Shard& shard = table.shards[seg.shard];
+        MaskOutput write;
+        if (new_masks != nullptr) write = {(*new_masks)[seg.shard] + seg.begin, position};
+        if (avx512) {
+          count_and_collect_range_avx512(shard, key_bits, seg.begin, seg.length, pass.bracket,
+                                         chunk, write);
+        } else {
+          count_and_collect_range(shard, key_bits, seg.begin, seg.length, pass.bracket, chunk,
+                                  write);
+        }
+        position += uint32_t(seg.length);
+      }
+      chunk.trim();
+      const int64_t size = chunk.used;
+      if (collected.fetch_add(size, std::memory_order_relaxed) + size > budget) {
+        overflow.store(true, std::memory_order_relaxed);
+      }
+    }
+  });
+  if (overflow.load()) {
+    pass.key = kSampleMissed;
+    return pass;
+  }
+  int64_t candidates = 0;
+  for (const ChunkCounts& chunk : pass.chunks) {
+    pass.below += chunk.below;
+    pass.retained += chunk.retained;
+    pass.nonfinite += chunk.nonfinite;
+    candidates += chunk.used;
+  }
+  const int64_t below_bracket = pass.below;
+  pass.below = 0;
+  if (k <= 0 || k > pass.retained || pass.nonfinite > 0) return pass;  // key stays -1
+  if (k <= below_bracket || k > below_bracket + candidates) {
+    pass.key = kSampleMissed;
+    return pass;
+  }
+  const auto [key, below_in_bracket] = select_candidate(pass.chunks, pass.bracket, k - below_bracket);
+  pass.key = key;
+  pass.below = below_bracket + below_in_bracket;
+  return pass;
+}
+
+at::Tensor status_of(const SamplePass& pass) {
+  at::Tensor status = at::empty({4}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = status.data_ptr<int64_t>();
+  const bool missed = pass.key == kSampleMissed;
+  out[0] = pass.key;
+  out[1] = pass.below;
+  out[2] = missed ? 0 : pass.retained;
+  out[3] = missed ? 0 : pass.nonfinite;
+  return status;
+}
+
 at::Tensor kth_key_by_sample_cpu(at::TensorList weights,
                                  const c10::List<std::optional<at::Tensor>>& masks,
                                  int64_t key_bits, const at::Tensor& k_tensor,
@@ -298,81 +436,70 @@ at::Tensor kth_key_by_sample_cpu(at::TensorList weights,
   const ShardTable table = checked_table(weights, masks, kGlobal, key_bits, op);
   const int64_t k = per_unit_values(k_tensor, 1, op, "k").item<int64_t>();
   TORCH_CHECK_VALUE(sample_size >= 1, op, ": sample_size must be >= 1, got ", sample_size);
-  const int64_t n = table.total_numel;
-  at::Tensor result = at::empty({4}, at::TensorOptions().dtype(at::kLong));
-  int64_t* out = result.data_ptr<int64_t>();
+  return status_of(run_sample_pass(table, key_bits, k, sample_size, nullptr));
+}
 
-  // Small inputs (or a sample as large as the input) keep every retained key.
-  const int64_t s = std::min(sample_size, n);
-  Bracket bracket;
-  if (k <= 0 || k > n) {
-    bracket = Bracket{0xffffffffu, 0};  // no candidates: only the counts are wanted
-  } else if (n > 4 * s) {
-    std::vector<uint32_t> sample = sample_keys(table, key_bits, s);
-    bracket = bracket_from_sample(sample, s, n, k);
-  }
-  // Typical brackets hold ~1.6% of the weights (s = 65,536); a sixteenth plus
-  // 16 s keys (1M) leaves room for unlucky ones and bounds the memory.
-  const int64_t budget = n / 16 + 16 * s;
-
-  std::vector<Segment> segments;
-  std::vector<int64_t> chunk_starts;
-  make_segments(table, kGlobal, kChunk, segments, chunk_starts);
-  const int64_t num_chunks = int64_t(chunk_starts.size()) - 1;
-  std::vector<ChunkCounts> chunks(num_chunks);
-  const bool avx512 = has_avx512() && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
-  std::atomic<int64_t> collected{0};
-  std::atomic<bool> overflow{false};
+// After the pass every candidate is kept; this removes those below the
+// threshold key t and the first remove_equal retained keys equal to t in flat
+// order (chunks are in flat order, and so are the candidates of a chunk).
+void remove_candidates(const SamplePass& pass, const std::vector<bool*>& new_masks, uint32_t t,
+                       int64_t remove_equal) {
+  const int64_t num_chunks = int64_t(pass.chunks.size());
+  std::vector<int64_t> equal_before(num_chunks + 1, 0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last && !overflow.load(std::memory_order_relaxed); ++c) {
-      for (int64_t i = chunk_starts[c]; i < chunk_starts[c + 1]; ++i) {
-        const Segment& seg = segments[i];
-        const Shard& shard = table.shards[seg.shard];
-        if (avx512) {
-          count_and_collect_range_avx512(shard, key_bits, seg.begin, seg.length, bracket,
-                                         chunks[c]);
-        } else {
-          count_and_collect_range(shard, key_bits, seg.begin, seg.length, bracket, chunks[c]);
+    for (int64_t c = first; c < last; ++c) {
+      const auto& keys = pass.chunks[c].candidates;
+      equal_before[c + 1] = std::count(keys.begin(), keys.end(), t);
+    }
+  });
+  for (int64_t c = 0; c < num_chunks; ++c) equal_before[c + 1] += equal_before[c];
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const ChunkCounts& chunk = pass.chunks[c];
+      int64_t equal_seen = equal_before[c];
+      int64_t s = pass.chunk_starts[c], segment_start = 0;
+      for (int64_t j = 0; j < chunk.used; ++j) {
+        const uint32_t key = chunk.candidates[j];
+        const bool remove = key < t || (key == t && equal_seen < remove_equal);
+        equal_seen += key == t;
+        if (!remove) continue;
+        const uint32_t position = chunk.positions[j];
+        while (position >= segment_start + pass.segments[s].length) {
+          segment_start += pass.segments[s++].length;
         }
-      }
-      chunks[c].candidates.resize(chunks[c].used);
-      const int64_t size = chunks[c].used;
-      if (collected.fetch_add(size, std::memory_order_relaxed) + size > budget) {
-        overflow.store(true, std::memory_order_relaxed);
+        const Segment& seg = pass.segments[s];
+        new_masks[seg.shard][seg.begin + (position - segment_start)] = false;
       }
     }
   });
-  if (overflow.load()) {
-    out[0] = kSampleMissed;
-    out[1] = out[2] = out[3] = 0;
-    return result;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> prune_masks_by_sample_cpu(
+    at::TensorList weights, const c10::List<std::optional<at::Tensor>>& masks, int64_t key_bits,
+    const at::Tensor& count_tensor, int64_t sample_size) {
+  constexpr const char* op = "prune_masks_by_sample";
+  const ShardTable table = checked_table(weights, masks, kGlobal, key_bits, op);
+  const int64_t count = per_unit_values(count_tensor, 1, op, "count").item<int64_t>();
+  TORCH_CHECK_VALUE(sample_size >= 1, op, ": sample_size must be >= 1, got ", sample_size);
+  std::vector<at::Tensor> outs;
+  std::vector<bool*> out_data;
+  for (const at::Tensor& w : weights) {
+    outs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
+    out_data.push_back(outs.back().data_ptr<bool>());
+    if (w.numel() >= (int64_t(4) << 20)) advise_huge_pages(out_data.back(), w.numel());
   }
-  int64_t below = 0, retained = 0, nonfinite = 0, candidates = 0;
-  for (const ChunkCounts& chunk : chunks) {
-    below += chunk.below;
-    retained += chunk.retained;
-    nonfinite += chunk.nonfinite;
-    candidates += int64_t(chunk.candidates.size());
+  const SamplePass pass = run_sample_pass(table, key_bits, count, sample_size, &out_data);
+  if (pass.key >= 0) {
+    remove_candidates(pass, out_data, uint32_t(pass.key), count - pass.below);
   }
-  out[1] = 0;
-  out[2] = retained;
-  out[3] = nonfinite;
-  if (k <= 0 || k > retained || nonfinite > 0) {
-    out[0] = kKeyUnknown;
-    return result;
-  }
-  if (k <= below || k > below + candidates) {
-    out[0] = kSampleMissed;
-    return result;
-  }
-  const auto [key, below_in_bracket] = select_candidate(chunks, bracket, k - below);
-  out[0] = key;
-  out[1] = below + below_in_bracket;
-  return result;
+  return {outs, status_of(pass)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) { m.impl("kth_key_by_sample", &kth_key_by_sample_cpu); }
+TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) {
+  m.impl("kth_key_by_sample", &kth_key_by_sample_cpu);
+  m.impl("prune_masks_by_sample", &prune_masks_by_sample_cpu);
+}
 
 }  // namespace sap_kernels::cpu

@@ -24,8 +24,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -350,18 +348,6 @@ int64_t prune_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t
     std::fill(out, out + length, true);
   }
   return 0;
-}
-
-// New masks are first touched by the kernel. Where transparent huge pages are
-// on request (the "madvise" mode), asking for them turns 512 page faults into
-// one: on a 1 GB model the faults of 4 KiB pages cost as much as the pass.
-void advise_huge_pages(void* data, int64_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const uintptr_t first = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + uintptr_t(bytes)) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
 }
 
 std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,

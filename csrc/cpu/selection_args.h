@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <sys/mman.h>
+
 #include "../shards.h"
 
 namespace sap_kernels::cpu {
@@ -11,7 +13,6 @@ namespace sap_kernels::cpu {
 inline ShardTable checked_table(at::TensorList weights,
                                 const c10::List<std::optional<at::Tensor>>& masks, int64_t scope,
                                 int64_t key_bits, const char* op) {
-
   ShardTable table = make_shard_table(weights, masks, scope, op);
   TORCH_CHECK_VALUE(weights[0].device().is_cpu(), op, ": expected CPU tensors, got ",
                     weights[0].device());
@@ -38,6 +39,18 @@ inline at::Tensor per_unit_values(const at::Tensor& values, int64_t units, const
   TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == units, op, ": ", name,
                     " must have shape [", units, "] (one entry per unit), got ", values.sizes());
   return values.to(at::kLong).contiguous();
+}
+
+// New masks are first touched by the kernel. Where transparent huge pages are
+// on request (the "madvise" mode), asking for them turns 512 page faults into
+// one: on a 1 GB model the faults of 4 KiB pages cost as much as the pass.
+inline void advise_huge_pages(void* data, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + uintptr_t(bytes)) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 }  // namespace sap_kernels::cpu
