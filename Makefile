@@ -46,6 +46,7 @@ bench-threshold: build
 lint:
 	$(PY) -m ruff check sap_kernels tests benchmarks
 	$(PY) -m ruff format --check sap_kernels tests benchmarks
+	$(PY) -m pip install -q clang-format && $(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*
 
 clean:
 	rm -rf build *.egg-info sap_kernels/*.so

@@ -11,7 +11,7 @@ enum WeightType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // One weight tensor, flattened and contiguous.
 struct Shard {
   const void* data;
-  const bool* mask;    // nullptr: every weight retained
+  const bool* mask;  // nullptr: every weight retained
   int64_t numel;
   int64_t row_length;  // numel / size(0), at least 1
   int64_t first_unit;  // unit of element 0 (row 0 in neuron scope)

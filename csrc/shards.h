@@ -29,15 +29,17 @@ inline WeightType weight_type_of(const at::Tensor& t, const char* op, size_t i) 
   }
 }
 
-inline int64_t rows_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
+inline int64_t rows_of(const at::Tensor& t) {
+  return t.dim() == 0 ? 1 : t.size(0);
+}
 
 // Checks shapes, dtypes and devices and computes each shard's first unit.
 inline ShardTable make_shard_table(const at::TensorList weights,
-                                   const c10::List<std::optional<at::Tensor>>& masks,
-                                   int64_t scope, const char* op) {
+                                   const c10::List<std::optional<at::Tensor>>& masks, int64_t scope,
+                                   const char* op) {
   TORCH_CHECK_VALUE(!weights.empty(), op, ": weights is an empty list");
-  TORCH_CHECK_VALUE(masks.size() == 0 || masks.size() == weights.size(), op, ": got ",
-                    masks.size(), " masks for ", weights.size(), " weights");
+  TORCH_CHECK_VALUE(masks.size() == 0 || masks.size() == weights.size(), op, ": got ", masks.size(),
+                    " masks for ", weights.size(), " weights");
   TORCH_CHECK_VALUE(scope >= kGlobal && scope <= kNeuron, op, ": scope must be 0, 1 or 2, got ",
                     scope);
   ShardTable table;
@@ -64,8 +66,8 @@ inline ShardTable make_shard_table(const at::TensorList weights,
       if (m.has_value()) {
         TORCH_CHECK_TYPE(m->scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ",
                          m->scalar_type(), "; expected bool");
-        TORCH_CHECK_VALUE(m->sizes() == w.sizes(), op, ": masks[", i, "] has shape ",
-                          m->sizes(), " but weights[", i, "] has shape ", w.sizes());
+        TORCH_CHECK_VALUE(m->sizes() == w.sizes(), op, ": masks[", i, "] has shape ", m->sizes(),
+                          " but weights[", i, "] has shape ", w.sizes());
         TORCH_CHECK_VALUE(m->device() == device, op, ": masks[", i, "] is on ", m->device(),
                           " but weights[", i, "] is on ", device);
         at::Tensor mc = m->contiguous();

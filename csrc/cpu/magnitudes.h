@@ -20,8 +20,12 @@ SAP_INLINE To bits_as(From from) {
 // |w| as float32 bits, from the raw bits of a float32, bfloat16 or float16.
 // float16 -> float32: shifting the exponent+mantissa into place and scaling by
 // 2^112 rebiases normals and turns float16 subnormals into float32 normals.
-SAP_INLINE uint32_t magnitude_bits_f32(uint32_t bits) { return bits & 0x7fffffffu; }
-SAP_INLINE uint32_t magnitude_bits_bf16(uint16_t bits) { return uint32_t(bits & 0x7fffu) << 16; }
+SAP_INLINE uint32_t magnitude_bits_f32(uint32_t bits) {
+  return bits & 0x7fffffffu;
+}
+SAP_INLINE uint32_t magnitude_bits_bf16(uint16_t bits) {
+  return uint32_t(bits & 0x7fffu) << 16;
+}
 SAP_INLINE uint32_t magnitude_bits_f16(uint16_t bits) {
   const uint32_t em = bits & 0x7fffu;
   const uint32_t finite = bits_as<uint32_t>(bits_as<float>(em << 13) * 0x1p112f);
@@ -31,7 +35,9 @@ SAP_INLINE uint32_t magnitude_bits_f16(uint16_t bits) {
 constexpr uint32_t kFloat32InfBits = 0x7f800000u;
 
 // The 16-bit key of a bfloat16 or float16 weight: its bits without the sign.
-SAP_INLINE uint32_t magnitude_key16(uint16_t bits) { return bits & 0x7fffu; }
+SAP_INLINE uint32_t magnitude_key16(uint16_t bits) {
+  return bits & 0x7fffu;
+}
 
 // Key of element i of a shard: float32 bits of |w| (key_bits 32) or the
 // native 16-bit magnitude bits (key_bits 16).

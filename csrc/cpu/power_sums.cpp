@@ -87,11 +87,12 @@ SAP_INLINE float exp2_scaled(float r_high, float r_low, float e, float log2_m) {
   const float f = (y_high - whole) + (y_tail + y_low);  // y_high - whole is exact
   // 2^f = e^(f ln2), Taylor coefficients ln2^k / k!
   const float p =
-      1.f + f * (0.693147181f +
-                 f * (0.240226507f +
-                      f * (0.0555041087f +
-                           f * (0.00961812911f +
-                                f * (0.00133335581f + f * (0.000154035304f + f * 1.52527338e-05f))))));
+      1.f +
+      f * (0.693147181f +
+           f * (0.240226507f +
+                f * (0.0555041087f +
+                     f * (0.00961812911f +
+                          f * (0.00133335581f + f * (0.000154035304f + f * 1.52527338e-05f))))));
   const int32_t n = int32_t(whole);
   const int32_t n1 = n >> 1, n2 = n - n1;  // two steps reach subnormals and overflow to inf
   return p * bits_as<float>(uint32_t(n1 + 127) << 23) * bits_as<float>(uint32_t(n2 + 127) << 23);
@@ -253,9 +254,8 @@ SAP_INLINE void range_sums_q(const Shard& shard, int64_t begin, int64_t length,
 
 // Compiled once per instruction set; the loader picks the widest the CPU has,
 // so the default build runs on any x86-64.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void range_power_sums(const Shard& shard, int64_t begin, int64_t length, const PowerPlan& plan,
-                      Sums& sums) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void range_power_sums(
+    const Shard& shard, int64_t begin, int64_t length, const PowerPlan& plan, Sums& sums) {
   switch (plan.p_kind) {
     case kPowHalf: return range_sums_q(shard, begin, length, plan, PowHalf{}, sums);
     case kPowOne: return range_sums_q(shard, begin, length, plan, PowOne{}, sums);
@@ -344,6 +344,8 @@ at::Tensor masked_power_sums_cpu(at::TensorList weights,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) { m.impl("masked_power_sums", &masked_power_sums_cpu); }
+TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) {
+  m.impl("masked_power_sums", &masked_power_sums_cpu);
+}
 
 }  // namespace sap_kernels::cpu

@@ -21,6 +21,7 @@
 // [0, retained] or when a retained weight is NaN or infinite (the caller
 // raises); key = -2 on a miss.
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,8 +30,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
-
-#include <immintrin.h>
 
 #include "../shards.h"
 #include "magnitudes.h"
@@ -120,7 +119,8 @@ struct ChunkCounts {
   // Room for one more block of candidates, written branch-free.
   void reserve_block(int64_t block, bool with_positions) {
     if (used + block <= int64_t(candidates.size())) return;
-    const int64_t size = std::max<int64_t>(2 * candidates.size(), used + std::max<int64_t>(block, 256));
+    const int64_t size =
+        std::max<int64_t>(2 * candidates.size(), used + std::max<int64_t>(block, 256));
     candidates.resize(size);
     if (with_positions) positions.resize(size);
   }
@@ -206,9 +206,11 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_key
 }
 
 template <int Type, int KeyBits, bool Masked, bool Prune>
-__attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(
-    const Shard& shard, int64_t begin, int64_t length, Bracket b, ChunkCounts& out,
-    MaskOutput write) {
+__attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Shard& shard,
+                                                                        int64_t begin,
+                                                                        int64_t length, Bracket b,
+                                                                        ChunkCounts& out,
+                                                                        MaskOutput write) {
   const bool* mask = Masked ? shard.mask + begin : nullptr;
   const __m512i lo = _mm512_set1_epi32(int(b.lo));
   const __m512i width = _mm512_set1_epi32(int(b.hi - b.lo));
@@ -232,8 +234,7 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(
       _mm_storeu_si128(reinterpret_cast<__m128i*>(write.mask + i), ones);
     }
     if (collect) {
-      const __mmask16 inside =
-          _mm512_mask_cmple_epu32_mask(keep, _mm512_sub_epi32(key, lo), width);
+      const __mmask16 inside = _mm512_mask_cmple_epu32_mask(keep, _mm512_sub_epi32(key, lo), width);
       out.reserve_block(16, Prune);
       _mm512_storeu_si512(out.candidates.data() + out.used,
                           _mm512_maskz_compress_epi32(inside, key));
@@ -282,9 +283,9 @@ bool has_avx512() {
 }
 
 // Compiled once per instruction set (the counting loop vectorises).
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void count_and_collect_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
-                             Bracket bracket, ChunkCounts& out, MaskOutput write) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void
+count_and_collect_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+                        Bracket bracket, ChunkCounts& out, MaskOutput write) {
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
     constexpr bool M = decltype(masked)::value;
@@ -411,7 +412,8 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t key_bits, int64_t k,
     pass.key = kSampleMissed;
     return pass;
   }
-  const auto [key, below_in_bracket] = select_candidate(pass.chunks, pass.bracket, k - below_bracket);
+  const auto [key, below_in_bracket] =
+      select_candidate(pass.chunks, pass.bracket, k - below_bracket);
   pass.key = key;
   pass.below = below_bracket + below_in_bracket;
   return pass;
@@ -481,13 +483,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> prune_masks_by_sample_cpu(
   const ShardTable table = checked_table(weights, masks, kGlobal, key_bits, op);
   const int64_t count = per_unit_values(count_tensor, 1, op, "count").item<int64_t>();
   TORCH_CHECK_VALUE(sample_size >= 1, op, ": sample_size must be >= 1, got ", sample_size);
-  std::vector<at::Tensor> outs;
+  std::vector<at::Tensor> outs = new_contiguous_masks(weights);
   std::vector<bool*> out_data;
-  for (const at::Tensor& w : weights) {
-    outs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
-    out_data.push_back(outs.back().data_ptr<bool>());
-    if (w.numel() >= (int64_t(4) << 20)) advise_huge_pages(out_data.back(), w.numel());
-  }
+  for (at::Tensor& out : outs) out_data.push_back(out.data_ptr<bool>());
   const SamplePass pass = run_sample_pass(table, key_bits, count, sample_size, &out_data);
   if (pass.key >= 0) {
     remove_candidates(pass, out_data, uint32_t(pass.key), count - pass.below);

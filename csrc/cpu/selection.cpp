@@ -47,7 +47,6 @@ constexpr int64_t kLongRow = int64_t(1) << 16;
 
 // --- magnitude_histogram ---------------------------------------------------
 
-
 template <class Bins>
 SAP_INLINE void histogram_segment(const Shard& shard, const Segment& seg, int64_t key_bits,
                                   int64_t pass, uint32_t prefix, Bins bins) {
@@ -63,9 +62,9 @@ SAP_INLINE void histogram_segment(const Shard& shard, const Segment& seg, int64_
 }
 
 // Compiled once per instruction set (pass 1's block test vectorises).
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void histogram_segment_local(const Shard& shard, const Segment& seg, int64_t key_bits,
-                             int64_t pass, uint32_t prefix, uint32_t* bins) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void
+histogram_segment_local(const Shard& shard, const Segment& seg, int64_t key_bits, int64_t pass,
+                        uint32_t prefix, uint32_t* bins) {
   const uint32_t copy_stride = pass == 0 ? kHalfBins : uint32_t(kBins);
   histogram_segment(shard, seg, key_bits, pass, prefix, LocalBins{bins, copy_stride});
 }
@@ -105,8 +104,8 @@ struct ThreadHistogram {
 };
 
 at::Tensor magnitude_histogram_cpu(at::TensorList weights,
-                                   const c10::List<std::optional<at::Tensor>>& masks,
-                                   int64_t scope, int64_t key_bits, const at::Tensor& prefixes,
+                                   const c10::List<std::optional<at::Tensor>>& masks, int64_t scope,
+                                   int64_t key_bits, const at::Tensor& prefixes,
                                    int64_t pass_index) {
   constexpr const char* op = "magnitude_histogram";
   TORCH_CHECK_VALUE(scope == kGlobal || scope == kLayer, op,
@@ -310,9 +309,9 @@ SAP_INLINE int64_t write_kept(const Shard& shard, int64_t begin, int64_t length,
 }
 
 // Compiled once per instruction set (the loop vectorises).
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-int64_t write_kept_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
-                         uint32_t threshold, bool* out) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) int64_t
+write_kept_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+                 uint32_t threshold, bool* out) {
   int64_t equal = 0;
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     equal = write_kept<decltype(type)::value, decltype(bits)::value, decltype(masked)::value>(
@@ -357,8 +356,8 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
                                         const at::Tensor& remove_equal) {
   constexpr const char* op = "prune_masks";
   const ShardTable table = checked_table(weights, masks, scope, key_bits, op);
-  const at::Tensor thresholds = per_unit_values(threshold_keys, table.num_units, op,
-                                                "threshold_keys");
+  const at::Tensor thresholds =
+      per_unit_values(threshold_keys, table.num_units, op, "threshold_keys");
   const at::Tensor removals = per_unit_values(remove_equal, table.num_units, op, "remove_equal");
   const int64_t* threshold_data = thresholds.data_ptr<int64_t>();
   const int64_t* remove_data = removals.data_ptr<int64_t>();
@@ -373,13 +372,9 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
   make_segments(table, scope, kChunk, segments, chunk_starts);
   // Masks are written in row-major order; a weight with permuted strides gets
   // a mask with the same strides (as the fake, empty_like, promises) by a copy.
-  std::vector<at::Tensor> outs;
+  std::vector<at::Tensor> outs = new_contiguous_masks(weights);
   std::vector<bool*> out_data;
-  for (const at::Tensor& w : weights) {
-    outs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
-    out_data.push_back(outs.back().data_ptr<bool>());
-    if (w.numel() >= (int64_t(4) << 20)) advise_huge_pages(out_data.back(), w.numel());
-  }
+  for (at::Tensor& out : outs) out_data.push_back(out.data_ptr<bool>());
   auto with_weight_strides = [&]() {
     for (size_t i = 0; i < outs.size(); ++i) {
       if (weights[i].is_contiguous()) continue;  // empty_like would be contiguous too
@@ -401,8 +396,8 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
         bool* out = out_data[seg.shard];
         if (scope != kNeuron) {
           const int64_t threshold = threshold_data[shard.first_unit];
-          equal[s] = prune_range(shard, key_bits, seg.begin, seg.length, threshold,
-                                 out + seg.begin);
+          equal[s] =
+              prune_range(shard, key_bits, seg.begin, seg.length, threshold, out + seg.begin);
           continue;
         }
         const int64_t length = shard.row_length;
@@ -439,9 +434,8 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
   }
   for (int64_t u = 0; u < table.num_units; ++u) {
     const int64_t remove = threshold_data[u] >= 0 ? remove_data[u] : 0;
-    TORCH_CHECK_VALUE(remove <= seen[u], op, ": remove_equal[", u, "] = ", remove,
-                      " exceeds the ", seen[u], " retained weights equal to threshold_keys[", u,
-                      "]");
+    TORCH_CHECK_VALUE(remove <= seen[u], op, ": remove_equal[", u, "] = ", remove, " exceeds the ",
+                      seen[u], " retained weights equal to threshold_keys[", u, "]");
   }
   at::parallel_for(0, int64_t(fixups.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t f = first; f < last; ++f) {
@@ -480,8 +474,8 @@ SAP_INLINE void zero_pruned(Bits* __restrict data, const uint8_t* __restrict mas
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void zero_pruned_range(const Shard& shard, int64_t begin, int64_t length) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void
+zero_pruned_range(const Shard& shard, int64_t begin, int64_t length) {
   void* data = const_cast<void*>(shard.data);
   const uint8_t* mask = reinterpret_cast<const uint8_t*>(shard.mask) + begin;  // bools are 0 or 1
   if (shard.type == kFloat32) {

@@ -2,8 +2,9 @@
 // sample_select.cpp).
 #pragma once
 #include <ATen/ATen.h>
-
 #include <sys/mman.h>
+
+#include <vector>
 
 #include "../shards.h"
 
@@ -30,12 +31,12 @@ inline ShardTable checked_table(at::TensorList weights,
 
 // A 1-d int64 CPU tensor with one entry per unit.
 inline at::Tensor per_unit_values(const at::Tensor& values, int64_t units, const char* op,
-                           const char* name) {
+                                  const char* name) {
   TORCH_CHECK_VALUE(values.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
                     values.device());
-  TORCH_CHECK_TYPE(!values.is_floating_point() && !values.is_complex() &&
-                       values.scalar_type() != at::kBool,
-                   op, ": ", name, " must hold integers, got ", values.scalar_type());
+  TORCH_CHECK_TYPE(
+      !values.is_floating_point() && !values.is_complex() && values.scalar_type() != at::kBool, op,
+      ": ", name, " must hold integers, got ", values.scalar_type());
   TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == units, op, ": ", name,
                     " must have shape [", units, "] (one entry per unit), got ", values.sizes());
   return values.to(at::kLong).contiguous();
@@ -51,6 +52,18 @@ inline void advise_huge_pages(void* data, int64_t bytes) {
   const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + uintptr_t(bytes)) & ~(kHugePage - 1);
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
+}
+
+// Uninitialised row-major bool masks shaped like the weights, for a kernel to
+// fill; large ones are advised onto huge pages.
+inline std::vector<at::Tensor> new_contiguous_masks(at::TensorList weights) {
+  std::vector<at::Tensor> outs;
+  outs.reserve(weights.size());
+  for (const at::Tensor& w : weights) {
+    outs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
+    if (w.numel() >= (int64_t(4) << 20)) advise_huge_pages(outs.back().data_ptr(), w.numel());
+  }
+  return outs;
 }
 
 }  // namespace sap_kernels::cpu

@@ -75,7 +75,8 @@ class DeviceTables {
   size_t add(const std::vector<T>& values) {
     const size_t offset = (bytes_.size() + 15) / 16 * 16;
     bytes_.resize(offset + values.size() * sizeof(T));
-    if (!values.empty()) std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(T));
+    if (!values.empty())
+      std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(T));
     return offset;
   }
   void upload(const at::Device& device) {
@@ -179,12 +180,12 @@ at::Tensor magnitude_histogram_cuda(at::TensorList weights, const OptionalTensor
   tables.upload(device);
   const at::Tensor prefix_values = prefixes.to(device, at::kLong).contiguous();
   at::Tensor histogram = at::zeros({table.num_units, 65536}, weights[0].options().dtype(at::kLong));
-  check_launch(launch_magnitude_histogram(
-                   piece_table(tables, shards, segments, pieces, scope), int(key_bits),
-                   int(pass_index), prefix_values.data_ptr<int64_t>(),
-                   reinterpret_cast<unsigned long long*>(histogram.data_ptr<int64_t>()),
-                   launch.stream),
-               op);
+  check_launch(
+      launch_magnitude_histogram(
+          piece_table(tables, shards, segments, pieces, scope), int(key_bits), int(pass_index),
+          prefix_values.data_ptr<int64_t>(),
+          reinterpret_cast<unsigned long long*>(histogram.data_ptr<int64_t>()), launch.stream),
+      op);
   return histogram;
 }
 
@@ -209,11 +210,11 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
   result.select(1, 0).fill_(-1);
   result.select(1, 1).zero_();
   at::Tensor nonfinite = at::zeros({table.num_units}, options.dtype(at::kInt));
-  check_launch(launch_rowwise_kth_key(piece_table(tables, shards, segments, pieces, kNeuron),
-                                      int(key_bits), k_values.data_ptr<int64_t>(),
-                                      result.data_ptr<int64_t>(), nonfinite.data_ptr<int32_t>(),
-                                      launch.stream),
-               op);
+  check_launch(
+      launch_rowwise_kth_key(piece_table(tables, shards, segments, pieces, kNeuron), int(key_bits),
+                             k_values.data_ptr<int64_t>(), result.data_ptr<int64_t>(),
+                             nonfinite.data_ptr<int32_t>(), launch.stream),
+      op);
   const at::Tensor bad = nonfinite.gt(0).nonzero();
   if (bad.size(0) > 0) {
     const int64_t row = bad[0][0].item<int64_t>();
@@ -293,9 +294,9 @@ void apply_masks_cuda(at::TensorList weights, at::TensorList masks) {
   DeviceTables tables;
   const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
   tables.upload(device);
-  check_launch(launch_apply_masks(piece_table(tables, shards, segments, pieces, kGlobal),
-                                  launch.stream),
-               op);
+  check_launch(
+      launch_apply_masks(piece_table(tables, shards, segments, pieces, kGlobal), launch.stream),
+      op);
   for (size_t i = 0; i < weights.size(); ++i) {
     if (!weights[i].is_contiguous()) weights[i].copy_(targets[i]);
   }

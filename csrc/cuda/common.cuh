@@ -62,8 +62,7 @@ __device__ __forceinline__ void walk_piece(const Shard& shard, int64_t begin, in
   using Raw = RawOf<Type>;
   constexpr int kVec = 16 / sizeof(Raw);
   const Raw* data = static_cast<const Raw*>(shard.data) + begin;
-  const uint8_t* mask =
-      shard.mask ? reinterpret_cast<const uint8_t*>(shard.mask) + begin : nullptr;
+  const uint8_t* mask = shard.mask ? reinterpret_cast<const uint8_t*>(shard.mask) + begin : nullptr;
   int64_t head = int64_t((16 - (reinterpret_cast<uintptr_t>(data) & 15)) & 15) / sizeof(Raw);
   if (head > length) head = length;
   if (mask && (reinterpret_cast<uintptr_t>(mask + head) % kVec) != 0) head = length;

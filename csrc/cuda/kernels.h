@@ -20,7 +20,7 @@ struct PieceTable {
   const Shard* shards;      // device array
   const Segment* segments;  // device array, global order
   int64_t num_segments;
-  int32_t scope;            // Scope
+  int32_t scope;  // Scope
 };
 
 struct PowerPlan {
@@ -58,16 +58,15 @@ cudaError_t launch_rowwise_kth_key(const PieceTable& table, int key_bits, const 
 
 // equal_counts[s] = retained keys == threshold_keys[unit] in piece s (0 when the
 // unit removes no equal key).
-cudaError_t launch_count_equal(const PieceTable& table, int key_bits,
-                               const int64_t* threshold_keys, const int64_t* remove_equal,
-                               int64_t* equal_counts, cudaStream_t stream);
+cudaError_t launch_count_equal(const PieceTable& table, int key_bits, const int64_t* threshold_keys,
+                               const int64_t* remove_equal, int64_t* equal_counts,
+                               cudaStream_t stream);
 
 // outputs[shard][i] = retained and not removed (see csrc/ops.cpp prune_masks);
 // equal_before[s] = keys equal to the threshold in the unit before piece s.
-cudaError_t launch_prune_masks(const PieceTable& table, int key_bits,
-                               const int64_t* threshold_keys, const int64_t* remove_equal,
-                               const int64_t* equal_before, uint8_t* const* outputs,
-                               cudaStream_t stream);
+cudaError_t launch_prune_masks(const PieceTable& table, int key_bits, const int64_t* threshold_keys,
+                               const int64_t* remove_equal, const int64_t* equal_before,
+                               uint8_t* const* outputs, cudaStream_t stream);
 
 // data[i] = 0 where mask[i] is false, for every piece (every shard has a mask).
 cudaError_t launch_apply_masks(const PieceTable& table, cudaStream_t stream);

@@ -129,8 +129,14 @@ __global__ void __launch_bounds__(kThreads)
     const Segment seg = table.segments[s];
     const Shard shard = table.shards[seg.shard];
     const int64_t unit = unit_of(shard, seg, table.scope);
-    PruneBody body{shard,          seg,             key_bits, threshold_keys[unit],
-                   remove_equal[unit], equal_before[s], outputs[seg.shard], scan};
+    PruneBody body{shard,
+                   seg,
+                   key_bits,
+                   threshold_keys[unit],
+                   remove_equal[unit],
+                   equal_before[s],
+                   outputs[seg.shard],
+                   scan};
     dispatch_type(shard.type, body);
   }
 }
@@ -157,19 +163,18 @@ __global__ void __launch_bounds__(kThreads) apply_masks_kernel(PieceTable table)
 
 }  // namespace
 
-cudaError_t launch_count_equal(const PieceTable& table, int key_bits,
-                               const int64_t* threshold_keys, const int64_t* remove_equal,
-                               int64_t* equal_counts, cudaStream_t stream) {
+cudaError_t launch_count_equal(const PieceTable& table, int key_bits, const int64_t* threshold_keys,
+                               const int64_t* remove_equal, int64_t* equal_counts,
+                               cudaStream_t stream) {
   if (table.num_segments == 0) return cudaSuccess;
   count_equal_kernel<<<grid_for(table.num_segments, 8), kThreads, 0, stream>>>(
       table, key_bits, threshold_keys, remove_equal, equal_counts);
   return cudaGetLastError();
 }
 
-cudaError_t launch_prune_masks(const PieceTable& table, int key_bits,
-                               const int64_t* threshold_keys, const int64_t* remove_equal,
-                               const int64_t* equal_before, uint8_t* const* outputs,
-                               cudaStream_t stream) {
+cudaError_t launch_prune_masks(const PieceTable& table, int key_bits, const int64_t* threshold_keys,
+                               const int64_t* remove_equal, const int64_t* equal_before,
+                               uint8_t* const* outputs, cudaStream_t stream) {
   if (table.num_segments == 0) return cudaSuccess;
   prune_kernel<<<grid_for(table.num_segments, 8), kThreads, 0, stream>>>(
       table, key_bits, threshold_keys, remove_equal, equal_before, outputs);

@@ -20,8 +20,8 @@ constexpr int kSelectThreads = 256;
 struct HistogramVisit {
   int key_bits, pass_index;
   uint32_t prefix;
-  uint32_t* shared_words;               // nullptr: add to `global` directly
-  unsigned long long* global;           // this unit's 65,536 bins
+  uint32_t* shared_words;      // nullptr: add to `global` directly
+  unsigned long long* global;  // this unit's 65,536 bins
   template <int Type>
   __device__ __forceinline__ void add(uint32_t raw, bool keep) {
     if (!keep) return;
