@@ -198,10 +198,12 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_key
   } else {
     const __m256i half = _mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
-    const __m512i bits = _mm512_cvtepu16_epi32(half);
+    // Zero-masking forms: GCC 12 warns about the undefined source of the plain ones.
+    const __m512i bits = _mm512_maskz_cvtepu16_epi32(0xffff, half);
     if constexpr (KeyBits == 16) return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff));
     static_assert(KeyBits == 16 || Type == kBFloat16, "float16 with 32-bit keys is scalar");
-    return _mm512_and_si512(_mm512_slli_epi32(bits, 16), _mm512_set1_epi32(0x7fffffff));
+    const __m512i high = _mm512_maskz_slli_epi32(0xffff, bits, 16);
+    return _mm512_and_si512(high, _mm512_set1_epi32(0x7fffffff));
   }
 }
 
