@@ -314,20 +314,27 @@ def _small_model(seed: int) -> torch.nn.Module:
     )
 
 
-def _scenario_fsdp(rank: int, world: int) -> None:
-    """One SAP iteration (two, with masks) on an FSDP2 model equals the same on the
-    unsharded model in one process; the sharded forward then matches too."""
+def _fsdp_model_and_copy(seed: int, world: int):
+    """_small_model(seed) sharded with FSDP2 (each Linear, then the whole) over
+    all ranks, and an unsharded copy taken before sharding."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
+    model = _small_model(seed)
+    reference = copy.deepcopy(model)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, reference
+
+
+def _scenario_fsdp(rank: int, world: int) -> None:
+    """One SAP iteration (two, with masks) on an FSDP2 model equals the same on the
+    unsharded model in one process; the sharded forward then matches too."""
     for scope in ("global", "layer"):
-        model = _small_model(3)
-        reference = copy.deepcopy(model)
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model, reference = _fsdp_model_and_copy(3, world)
         masks, reference_masks = None, None
         for _ in range(2):
             pqi, counts, masks = _sap_iteration(model, masks, scope)
@@ -354,10 +361,6 @@ def _scenario_fsdp(rank: int, world: int) -> None:
 def _scenario_pruner_fsdp(rank: int, world: int) -> None:
     """The Pruner on an FSDP2 model keeps the same records (PQI, counts, densities)
     and masks as on the unsharded model in one process, for every policy."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (world,))
     policies = [
         sap_kernels.SAPPolicy(scope="global"),
         sap_kernels.SAPPolicy(scope="layer"),
@@ -365,12 +368,7 @@ def _scenario_pruner_fsdp(rank: int, world: int) -> None:
         sap_kernels.LotteryTicketPolicy(fraction=0.3),
     ]
     for policy in policies:
-        model = _small_model(6)
-        reference = copy.deepcopy(model)
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model, reference = _fsdp_model_and_copy(6, world)
         # float64 reference sums: split and whole tensors give the same counts
         pruner = sap_kernels.Pruner(model, policy, backend="reference")
         expected = sap_kernels.Pruner(reference, policy, backend="reference")
