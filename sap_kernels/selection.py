@@ -197,9 +197,12 @@ def _unit_labels(weights, scope: str):
     return lambda u: f"row {u}"
 
 
-def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, tie_counts=None):
+def _kth_keys(
+    backend, weights, masks, scope, ks, group, argument, allow_zero, tie_counts=None, sample=True
+):
     """(keys, below) per unit: the key of the ks[u]-th smallest retained |w| and the
-    number of retained keys below it."""
+    number of retained keys below it. sample=False skips the one-pass sampled select
+    (a caller whose own sampled pass just missed would miss again)."""
     tensors = weights.tensors
     key_bits = key_bits_for(tensors)
     code = scope_code(scope)
@@ -213,7 +216,7 @@ def _kth_keys(backend, weights, masks, scope, ks, group, argument, allow_zero, t
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
     labels = _unit_labels(weights, scope)
-    if _uses_sample_select(backend, scope, group, key_bits):
+    if sample and _uses_sample_select(backend, scope, group, key_bits):
         found = _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero)
         if found is not None:
             return (*found, key_bits)
@@ -313,11 +316,12 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
     counts = _per_unit(counts, num_units(weights, scope), "counts", weights, scope)
     tensors = weights.tensors
     key_bits = key_bits_for(tensors)
-    if (
+    sampled = (
         _uses_sample_select(chosen, scope, group, key_bits)
         and int(counts[0]) > 0
         and all(w.is_contiguous() for w in tensors)  # its masks are contiguous
-    ):
+    )
+    if sampled:
         # threshold and masks in one pass; the radix select only after a miss
         new_masks, status = ops.prune_masks_by_sample(
             chosen, tensors, mask_list, key_bits, counts, SAMPLE_SIZE
@@ -325,7 +329,7 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
         if _sample_result(status, counts, "counts", True) is not None:
             return new_masks
     keys, below, key_bits = _kth_keys(
-        chosen, weights, mask_list, scope, counts, group, "counts", True
+        chosen, weights, mask_list, scope, counts, group, "counts", True, sample=not sampled
     )
     remove_equal = counts.to(keys.device) - below
     return ops.prune_masks(chosen, weights.tensors, mask_list, code, key_bits, keys, remove_equal)

@@ -166,3 +166,21 @@ def test_opcheck_prune_masks_by_sample(generator):
             torch.ops.sap_kernels.prune_masks_by_sample.default,
             (weights, masks, 32, torch.tensor([retained // 2]), sample_size),
         )
+
+
+def test_prune_after_a_miss_does_not_sample_again(generator, monkeypatch):
+    """A miss of prune_masks_by_sample goes straight to the radix select: the same
+    sample would miss again, so kth_key_by_sample must not run."""
+    from sap_kernels import ops
+
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 4)  # too small: always a miss
+    calls = []
+    real = ops.kth_key_by_sample
+    monkeypatch.setattr(ops, "kth_key_by_sample", lambda *a: calls.append(1) or real(*a))
+    weights, masks, retained = make_inputs(torch.float32, "normal", True, generator)
+    got = sap_kernels.prune(weights, masks, retained // 2, backend="cpu")
+    want = reference.prune_by_stable_sort(weights, masks, torch.tensor([retained // 2]), "global")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert calls == []
+    sap_kernels.magnitude_threshold(weights, retained // 2, masks, backend="cpu")
+    assert calls == [1]  # the threshold does try the sample
