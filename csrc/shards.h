@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -31,6 +32,13 @@ inline WeightType weight_type_of(const at::Tensor& t, const char* op, size_t i) 
 
 inline int64_t rows_of(const at::Tensor& t) {
   return t.dim() == 0 ? 1 : t.size(0);
+}
+
+// The exponents of masked_power_sums: 0 < p < q, both finite.
+inline void check_exponents(double p, double q, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be a finite number > 0, got ", p);
+  TORCH_CHECK_VALUE(std::isfinite(q) && q > p, op, ": q must be finite and > p, got q=", q,
+                    " with p=", p);
 }
 
 // Checks shapes, dtypes and devices and computes each shard's first unit.

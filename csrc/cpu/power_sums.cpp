@@ -278,9 +278,7 @@ at::Tensor masked_power_sums_cpu(at::TensorList weights,
                                  const c10::List<std::optional<at::Tensor>>& masks, double p,
                                  double q, int64_t scope) {
   constexpr const char* op = "masked_power_sums";
-  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be a finite number > 0, got ", p);
-  TORCH_CHECK_VALUE(std::isfinite(q) && q > p, op, ": q must be finite and > p, got q=", q,
-                    " with p=", p);
+  check_exponents(p, q, op);
   const ShardTable table = make_shard_table(weights, masks, scope, op);
   TORCH_CHECK_VALUE(table.shards[0].data == nullptr || weights[0].device().is_cpu(), op,
                     ": expected CPU tensors");

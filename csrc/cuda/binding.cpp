@@ -121,9 +121,7 @@ void check_key_bits(const ShardTable& table, int64_t key_bits, const char* op) {
 at::Tensor masked_power_sums_cuda(at::TensorList weights, const OptionalTensors& masks, double p,
                                   double q, int64_t scope) {
   constexpr const char* op = "masked_power_sums";
-  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be a finite number > 0, got ", p);
-  TORCH_CHECK_VALUE(std::isfinite(q) && q > p, op, ": q must be finite and > p, got q=", q,
-                    " with p=", p);
+  check_exponents(p, q, op);
   const ShardTable table = make_shard_table(weights, masks, scope, op);
   check_on_cuda(weights, op);
   const at::Device device = weights[0].device();
