@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
@@ -177,3 +178,33 @@ def test_reference_matches_direct_formula(generator):
     assert_pqi_close(sap_kernels.pqi([w], backend="reference"), direct, atol=1e-12)
     sums = reference.masked_power_sums([w], [None], p, q, 0)
     assert sums.shape == (1, 3) and float(sums[0, 2]) == d
+
+
+CPU_ISAS = ["", "x86-64-v3", "baseline"]  # "": the widest this CPU runs
+
+
+@pytest.mark.skipif(
+    "cpu" not in sap_kernels.available_backends(torch.device("cpu"))
+    or platform.machine() != "x86_64",
+    reason="the x86-64 CPU kernels are not built",
+)
+@pytest.mark.parametrize("kind", ["normal", "heavy", "zeros", "ties"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_cpu_instruction_set_copy(kind, dtype, generator, monkeypatch):
+    """The CPU block kernels are compiled for x86-64-v4, -v3 and the baseline; each copy
+    meets the accuracy contract, and for the special exponents the AVX-512 and AVX2 copies
+    give bit-identical sums: the order of additions is fixed by the code, not by the vector
+    width. (The baseline has no FMA, so `lane += v * v` rounds twice there; exp2/log2 of
+    general exponents may round differently per copy.)"""
+    weights = [random_weights(s, dtype, kind, generator) for s in mixed_shapes()]
+    masks = [random_mask(w.shape, 0.4, generator) for w in weights]
+    for p, q in EXPONENTS:
+        want = sap_kernels.pqi(weights, masks, p=p, q=q, scope="layer", backend="reference")
+        sums = {}
+        for isa in CPU_ISAS:
+            monkeypatch.setenv("SAP_KERNELS_CPU_ISA", isa)
+            sums[isa] = torch.ops.sap_kernels.masked_power_sums(weights, masks, p, q, 1)
+            got = sap_kernels.pqi(weights, masks, p=p, q=q, scope="layer", backend="cpu")
+            assert_pqi_close(got, want)
+        if (p, q) in [(0.5, 1.0), (1.0, 2.0), (0.5, 3.0)]:
+            assert torch.equal(sums["x86-64-v3"], sums[""]), (p, q)
