@@ -30,7 +30,7 @@ namespace sap_kernels::cpu {
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
-constexpr int kLanes = 16;  // buffers are padded to whole vectors
+constexpr int kLanes = 16;  // lanes of a block sum; buffers are padded to whole lanes
 constexpr int kBlock = 1024;
 
 struct Sums {
@@ -77,12 +77,12 @@ using RangePowerSums = void (*)(const Shard&, int64_t, int64_t, const PowerPlan&
 RangePowerSums select_range_power_sums() {
   const char* forced = std::getenv("SAP_KERNELS_CPU_ISA");
   const std::string name = forced ? forced : "";
-  if (name == "baseline") return &x86_64_baseline::range_power_sums_isa;
+  if (name == "baseline") return &x86_64_baseline::range_power_sums;
   if (name != "x86-64-v3" && __builtin_cpu_supports("x86-64-v4")) {
-    return &x86_64_v4::range_power_sums_isa;
+    return &x86_64_v4::range_power_sums;
   }
-  if (__builtin_cpu_supports("x86-64-v3")) return &x86_64_v3::range_power_sums_isa;
-  return &x86_64_baseline::range_power_sums_isa;
+  if (__builtin_cpu_supports("x86-64-v3")) return &x86_64_v3::range_power_sums;
+  return &x86_64_baseline::range_power_sums;
 }
 
 PowerPlan make_plan(double p, double q) {

@@ -242,6 +242,9 @@ SAP_INLINE void range_sums_q(const Shard& shard, int64_t begin, int64_t length,
   }
 }
 
+}  // namespace
+
+// Sums over elements [begin, begin + length) of one shard.
 void range_power_sums(const Shard& shard, int64_t begin, int64_t length, const PowerPlan& plan,
                       Sums& sums) {
   switch (plan.p_kind) {
@@ -251,14 +254,6 @@ void range_power_sums(const Shard& shard, int64_t begin, int64_t length, const P
     case kPowInt: return range_sums_q(shard, begin, length, plan, PowInt{int(plan.p)}, sums);
     default: return range_sums_q(shard, begin, length, plan, general_power(plan.p), sums);
   }
-}
-
-}  // namespace
-
-// Sums over elements [begin, begin + length) of one shard.
-void range_power_sums_isa(const Shard& shard, int64_t begin, int64_t length, const PowerPlan& plan,
-                          Sums& sums) {
-  range_power_sums(shard, begin, length, plan, sums);
 }
 
 }  // namespace SAP_KERNELS_ISA
