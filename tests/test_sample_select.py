@@ -101,15 +101,6 @@ def test_api_exact_with_any_sample_size(sample_size, dtype, kind, generator, mon
         assert all(torch.equal(a, b) for a, b in zip(new, expected))
 
 
-def test_opcheck_kth_key_by_sample(generator):
-    weights, masks, retained = make_inputs(torch.float32, "normal", True, generator)
-    for sample_size in (4, 1000):
-        torch.library.opcheck(
-            torch.ops.sap_kernels.kth_key_by_sample.default,
-            (weights, masks, 32, torch.tensor([retained // 2]), sample_size),
-        )
-
-
 @pytest.mark.parametrize("no_avx512", [False, True])
 def test_vector_and_scalar_paths_agree(no_avx512, generator, monkeypatch):
     """SAP_KERNELS_NO_AVX512 forces the portable loop (what machines without
@@ -159,11 +150,14 @@ def test_prune_masks_by_sample_matches_stable_sort(kind, masked, no_avx512, gene
     assert outcomes == {"miss", "found"}
 
 
-def test_opcheck_prune_masks_by_sample(generator):
-    weights, masks, retained = make_inputs(torch.float32, "ties", True, generator)
+@pytest.mark.parametrize(
+    "op_name,kind", [("kth_key_by_sample", "normal"), ("prune_masks_by_sample", "ties")]
+)
+def test_opcheck_sampled_ops(op_name, kind, generator):
+    weights, masks, retained = make_inputs(torch.float32, kind, True, generator)
     for sample_size in (4, 1000):
         torch.library.opcheck(
-            torch.ops.sap_kernels.prune_masks_by_sample.default,
+            getattr(torch.ops.sap_kernels, op_name).default,
             (weights, masks, 32, torch.tensor([retained // 2]), sample_size),
         )
 
