@@ -116,9 +116,12 @@ struct ChunkCounts {
   std::vector<uint32_t> candidates, positions;
   int64_t used = 0;
 
-  // Room for one more block of candidates, written branch-free.
-  void reserve_block(int64_t block, bool with_positions) {
-    if (used + block <= int64_t(candidates.size())) return;
+  // Room for one more block of candidates, written branch-free. Inline, so
+  // that the AVX-512 loop keeps its registers (a call would spill them).
+  SAP_INLINE void reserve_block(int64_t block, bool with_positions) {
+    if (used + block > int64_t(candidates.size())) grow(block, with_positions);
+  }
+  __attribute__((noinline, cold)) void grow(int64_t block, bool with_positions) {
     const int64_t size =
         std::max<int64_t>(2 * candidates.size(), used + std::max<int64_t>(block, 256));
     candidates.resize(size);
@@ -220,33 +223,43 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Sh
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const bool collect = b.lo <= b.hi;
   int64_t below = 0, kept = 0, bad = 0, i = 0;
-  for (; i + 16 <= length; i += 16) {
-    const __m512i key = load_keys<Type, KeyBits>(shard.data, begin + i);
-    __mmask16 keep = 0xffff;
-    if constexpr (Masked) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
-      keep = _mm_test_epi8_mask(bytes, bytes);
-    }
-    const __mmask16 low = _mm512_mask_cmplt_epu32_mask(keep, key, lo);
-    below += _mm_popcnt_u32(low);
-    kept += _mm_popcnt_u32(keep);
-    bad += _mm_popcnt_u32(_mm512_mask_cmpge_epu32_mask(keep, key, nonfinite));
-    if constexpr (Prune) {
-      const __m128i ones = _mm_maskz_set1_epi8(__mmask16(keep & ~low), 1);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(write.mask + i), ones);
-    }
-    if (collect) {
-      const __mmask16 inside = _mm512_mask_cmple_epu32_mask(keep, _mm512_sub_epi32(key, lo), width);
-      out.reserve_block(16, Prune);
-      _mm512_storeu_si512(out.candidates.data() + out.used,
-                          _mm512_maskz_compress_epi32(inside, key));
-      if constexpr (Prune) {
-        const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int(write.position + i)), lane);
-        _mm512_storeu_si512(out.positions.data() + out.used,
-                            _mm512_maskz_compress_epi32(inside, index));
+  // Groups of 16 vectors share one room check, and the candidates' count
+  // stays in a register within a group.
+  constexpr int64_t kGroup = 256;
+  const int64_t vectors_end = length & ~int64_t(15);
+  while (i < vectors_end) {
+    const int64_t group_end = std::min(vectors_end, i + kGroup);
+    if (collect) out.reserve_block(group_end - i, Prune);
+    uint32_t* keys = out.candidates.data();
+    uint32_t* positions = Prune ? out.positions.data() : nullptr;
+    int64_t used = out.used;
+    for (; i < group_end; i += 16) {
+      const __m512i key = load_keys<Type, KeyBits>(shard.data, begin + i);
+      __mmask16 keep = 0xffff;
+      if constexpr (Masked) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
+        keep = _mm_test_epi8_mask(bytes, bytes);
       }
-      out.used += _mm_popcnt_u32(inside);
+      const __mmask16 low = _mm512_mask_cmplt_epu32_mask(keep, key, lo);
+      below += _mm_popcnt_u32(low);
+      kept += _mm_popcnt_u32(keep);
+      bad += _mm_popcnt_u32(_mm512_mask_cmpge_epu32_mask(keep, key, nonfinite));
+      if constexpr (Prune) {
+        const __m128i ones = _mm_maskz_set1_epi8(__mmask16(keep & ~low), 1);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(write.mask + i), ones);
+      }
+      if (collect) {
+        const __mmask16 inside =
+            _mm512_mask_cmple_epu32_mask(keep, _mm512_sub_epi32(key, lo), width);
+        _mm512_storeu_si512(keys + used, _mm512_maskz_compress_epi32(inside, key));
+        if constexpr (Prune) {
+          const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int(write.position + i)), lane);
+          _mm512_storeu_si512(positions + used, _mm512_maskz_compress_epi32(inside, index));
+        }
+        used += _mm_popcnt_u32(inside);
+      }
     }
+    out.used = used;
   }
   out.below += below;
   out.retained += kept;
