@@ -137,16 +137,13 @@ def _select_radix(
     return keys, below
 
 
-def _uses_sample_select(backend, scope: str, group, key_bits: int) -> bool:
-    """The one-pass global selection applies: 32-bit keys (16-bit keys need a
-    single radix pass anyway), one process, eager mode (a miss is data-dependent,
-    so compiled graphs use the radix select)."""
+def _uses_sample_select(backend, scope: str, group) -> bool:
+    """The one-pass global selection applies: one process, eager mode (a miss is
+    data-dependent, so compiled graphs use the radix select). With 16-bit keys the
+    radix select is a single pass too, but its scattered histogram increments are
+    slower than the sampled pass's vectorised compares."""
     return (
-        scope == "global"
-        and group is None
-        and key_bits == 32
-        and ops.has_sample_select(backend)
-        and not _compiling()
+        scope == "global" and group is None and ops.has_sample_select(backend) and not _compiling()
     )
 
 
@@ -216,7 +213,7 @@ def _kth_keys(
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
     labels = _unit_labels(weights, scope)
-    if sample and _uses_sample_select(backend, scope, group, key_bits):
+    if sample and _uses_sample_select(backend, scope, group):
         found = _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero)
         if found is not None:
             return (*found, key_bits)
@@ -317,7 +314,7 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
     tensors = weights.tensors
     key_bits = key_bits_for(tensors)
     sampled = (
-        _uses_sample_select(chosen, scope, group, key_bits)
+        _uses_sample_select(chosen, scope, group)
         and int(counts[0]) > 0
         and all(w.is_contiguous() for w in tensors)  # its masks are contiguous
     )

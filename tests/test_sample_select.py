@@ -125,19 +125,25 @@ def test_vector_and_scalar_paths_agree(no_avx512, generator, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("no_avx512", [False, True])
-def test_prune_masks_by_sample_matches_stable_sort(kind, masked, no_avx512, generator, monkeypatch):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=str)
+def test_prune_masks_by_sample_matches_stable_sort(
+    kind, masked, no_avx512, dtype, generator, monkeypatch
+):
     """Unless the sample missed, the one-pass masks equal the stable-sort oracle's
-    (ties removed in flat order) and the status equals kth_key_by_sample's."""
+    (ties removed in flat order) and the status equals kth_key_by_sample's.
+    dtype None: float32 with a float16 and a bfloat16 tensor (32-bit keys)."""
     if no_avx512:
         monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
-    weights, masks, retained = make_inputs(torch.float32, kind, masked, generator)
-    weights[0], weights[1] = weights[0].half(), weights[1].bfloat16()  # 32-bit keys of both
+    weights, masks, retained = make_inputs(dtype or torch.float32, kind, masked, generator)
+    if dtype is None:
+        weights[0], weights[1] = weights[0].half(), weights[1].bfloat16()
+    key_bits = reference.key_bits_for(weights)
     outcomes = set()
     counts = [1, retained, *torch.randint(1, retained + 1, (4,), generator=generator).tolist()]
     for count in counts:
         expected = reference.prune_by_stable_sort(weights, masks, torch.tensor([count]), "global")
         for sample_size in SAMPLE_SIZES:
-            args = (weights, masks, 32, torch.tensor([count]), sample_size)
+            args = (weights, masks, key_bits, torch.tensor([count]), sample_size)
             new_masks, status = torch.ops.sap_kernels.prune_masks_by_sample(*args)
             assert status.tolist() == torch.ops.sap_kernels.kth_key_by_sample(*args).tolist()
             if int(status[0]) == MISS:
