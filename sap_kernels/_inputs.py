@@ -183,13 +183,18 @@ def scope_code(scope: str) -> int:
     return SCOPES[scope]
 
 
+def num_rows(t: torch.Tensor) -> int:
+    """Rows of a weight in neuron scope: size(0), or 1 for a 0-d tensor."""
+    return 1 if t.dim() == 0 else t.shape[0]
+
+
 def unit_counts(weights: Weights, scope: str) -> list[int]:
     """Units per tensor: 0 (global), 1 (layer) or size(0) (neuron)."""
     if scope == "global":
         return [0] * len(weights.tensors)
     if scope == "layer":
         return [1] * len(weights.tensors)
-    return [1 if t.dim() == 0 else t.shape[0] for t in weights.tensors]
+    return [num_rows(t) for t in weights.tensors]
 
 
 def num_units(weights: Weights, scope: str) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from ._extension import has_cuda_kernels, has_extension
-from ._inputs import SCOPES
+from ._inputs import SCOPES, num_rows
 
 _GLOBAL, _LAYER, _NEURON = SCOPES["global"], SCOPES["layer"], SCOPES["neuron"]
 
@@ -22,7 +22,7 @@ def _fake_units(weights, scope: int) -> int:
         return 1
     if scope == _LAYER:
         return len(weights)
-    return sum(1 if w.dim() == 0 else w.shape[0] for w in weights)
+    return sum(num_rows(w) for w in weights)
 
 
 if has_extension():

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import SCOPES
+from ._inputs import SCOPES, num_rows
 
 _SENTINEL_KEY = 1 << 40  # sorts after every real key
 
 
-def _rows(t: torch.Tensor) -> int:
-    return 1 if t.dim() == 0 else t.shape[0]
-
-
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    rows = _rows(t)
+    rows = num_rows(t)
     return t.reshape(rows, t.numel() // rows if rows else 0)
 
 
@@ -200,7 +196,7 @@ def prune_by_stable_sort(weights, masks, counts, scope: str = "global"):
     else:
         groups = []
         for i, w in enumerate(weights):
-            rows = _rows(w)
+            rows = num_rows(w)
             length = sizes[i] // rows if rows else 0
             groups.extend([(i, slice(r * length, (r + 1) * length))] for r in range(rows))
     counts = [int(c) for c in torch.as_tensor(counts).flatten().expand(len(groups))]

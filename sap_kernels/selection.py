@@ -16,6 +16,7 @@ from . import ops
 from ._inputs import (
     collect_masks,
     collect_weights,
+    num_rows,
     num_units,
     scope_code,
     split_neuron,
@@ -173,13 +174,13 @@ def _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zer
 
 def _retained_per_unit(tensors, masks, scope: str) -> torch.Tensor:
     """Retained weights per unit, int64 on the CPU."""
-    per_row = [
-        (torch.ones_like(w, dtype=torch.bool) if m is None else m)
-        .reshape(1 if w.dim() == 0 else w.shape[0], -1)
-        .sum(1)
-        .cpu()
-        for w, m in zip(tensors, masks)
-    ]
+    per_row = []
+    for w, m in zip(tensors, masks):
+        rows = num_rows(w)
+        if m is None:  # every weight retained: no need to count
+            per_row.append(torch.full((rows,), w.numel() // max(rows, 1)))
+        else:
+            per_row.append(m.reshape(rows, -1).sum(1).cpu())
     if scope == "neuron":
         return torch.cat(per_row)
     per_tensor = torch.stack([r.sum() for r in per_row])
@@ -206,10 +207,28 @@ def _kth_keys(
     if scope == "neuron":
         if group is not None:
             raise NotImplementedError("group= is not supported with scope='neuron'")
-        if not _compiling():
+
+        # The CPU op checks 0 <= k <= retained per row and that the retained
+        # weights are finite, so there the API's own messages (and its k >= 1
+        # rule) are produced only on the error path: counting every row's
+        # retained weights costs more than the selection. Other backends' ops
+        # cannot raise from the device, so they are checked first.
+        def check_counts():
             retained = _retained_per_unit(tensors, masks, scope)
             _check_counts(ks, retained, argument, allow_zero, _unit_labels(weights, scope))
-        result = ops.rowwise_kth_key(backend, tensors, masks, key_bits, ks.to(tensors[0].device))
+
+        op_checks = backend == "cpu"
+        eager = not _compiling()
+        if eager and (not op_checks or (not allow_zero and bool((ks == 0).any()))):
+            check_counts()
+        try:
+            result = ops.rowwise_kth_key(
+                backend, tensors, masks, key_bits, ks.to(tensors[0].device)
+            )
+        except ValueError:
+            if eager and op_checks:
+                check_counts()
+            raise
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
     labels = _unit_labels(weights, scope)

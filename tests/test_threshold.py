@@ -326,6 +326,28 @@ def test_rowwise_kth_key_op_matches_reference(dtype, generator):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", [*DTYPES, None], ids=str)
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "heavy"])
+def test_rowwise_kth_key_every_row_length(dtype, kind, generator):
+    """Rows on both sides of each path's bound: partition (< 512), 2,048 bins
+    (512 .. 65,536) and the 65,536-bin histogram (longer); k = 0, 1, retained and
+    random; masked and unmasked rows; then a NaN found by the binned path."""
+    dtypes = DTYPES if dtype is None else [dtype] * 3
+    shapes = [(3, 511), (4, 512), (3, 4099), (2, 65_536), (1, 65_537)]
+    weights = [random_weights(s, dtypes[i % 3], kind, generator) for i, s in enumerate(shapes)]
+    masks = [random_mask(s, 0.3, generator) if i % 2 else None for i, s in enumerate(shapes)]
+    key_bits = reference.key_bits_for(weights)
+    retained = retained_counts(weights, masks, "neuron")
+    for ks in (random_ks(retained, generator, low=0), torch.zeros_like(retained), retained):
+        ks[::3] = ks[::3].clamp(max=1)
+        got = ops.rowwise_kth_key(weights, masks, key_bits, ks)
+        assert torch.equal(got, reference.rowwise_kth_key(weights, masks, key_bits, ks))
+    weights[2][1, 4000] = float("inf")
+    with pytest.raises(ValueError, match=r"weights\[2\] contains NaN or infinity"):
+        ops.rowwise_kth_key(weights, masks, key_bits, retained)
+
+
+@needs_extension
 def test_ops_reject_bad_arguments():
     w = [torch.randn(3, 4)]
     one = torch.zeros(1, dtype=torch.int64)

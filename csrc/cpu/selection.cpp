@@ -44,6 +44,9 @@ constexpr int64_t kSmallSegment = 4096;
 // Rows longer than this are selected by histogram (bounded memory) instead
 // of std::nth_element on a copy of the row.
 constexpr int64_t kLongRow = int64_t(1) << 16;
+// Rows at least this long (and not long) are selected through 2,048 bins; in
+// shorter ones clearing the bins would cost more than std::nth_element.
+constexpr int64_t kBinnedRow = 512;
 
 // --- magnitude_histogram ---------------------------------------------------
 
@@ -157,6 +160,11 @@ struct RowResult {
   int64_t key = -1, below = 0, retained = 0;
 };
 
+// A thread's reusable buffers for the row selections.
+struct RowScratch {
+  std::vector<uint32_t> keys, bins;
+};
+
 // The first digit d whose cumulative count reaches target (1-based), and the
 // count of keys in bins below d.
 uint32_t find_digit(const uint32_t* bins, int64_t target, int64_t& below) {
@@ -175,9 +183,10 @@ uint32_t find_digit(const uint32_t* bins, int64_t target, int64_t& below) {
 // Short rows: the retained keys go into a thread-local buffer and
 // std::nth_element places the k-th; the keys before it are <= it.
 template <int Type, int KeyBits, bool Masked>
-RowResult row_kth_by_partition(const Shard& shard, int64_t begin, int64_t length, int64_t k,
-                               std::vector<uint32_t>& buffer) {
+SAP_INLINE RowResult row_kth_by_partition(const Shard& shard, int64_t begin, int64_t length,
+                                          int64_t k, RowScratch& scratch) {
   RowResult result;
+  std::vector<uint32_t>& buffer = scratch.keys;
   buffer.resize(length);
   const bool* mask = Masked ? shard.mask + begin : nullptr;
   int64_t n = 0;
@@ -201,11 +210,89 @@ RowResult row_kth_by_partition(const Shard& shard, int64_t begin, int64_t length
   return result;
 }
 
+// Medium rows: one pass counts the retained keys in 2,048 bins of their top
+// 11 significant bits (an eighth of an octave for float32 keys), a second
+// copies the keys of the k-th key's bin (a few percent of a smooth row) and
+// std::nth_element finds it among them: ~3 cheap passes instead of a
+// partition of the whole row with its unpredictable branches.
+constexpr int kRowDigitBits = 11;
+constexpr uint32_t kRowBins = 1u << kRowDigitBits;
+
+template <int Type, int KeyBits, bool Masked>
+SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t length, int64_t k,
+                                     RowScratch& scratch) {
+  constexpr int kShift = (KeyBits == 32 ? 31 : 15) - kRowDigitBits;
+  constexpr uint32_t nonfinite = nonfinite_key<Type, KeyBits>();
+  static_assert(nonfinite % (1u << kShift) == 0, "non-finite keys start a bin");
+  RowResult result;
+  // Two tables filled from alternate keys halve the dependency chains through
+  // popular bins (see kHalfBins).
+  scratch.bins.assign(2 * kRowBins, 0);
+  uint32_t* bins = scratch.bins.data();
+  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  auto digit = [&](int64_t i) SAP_INLINE_LAMBDA {
+    return key_at<Type, KeyBits>(shard.data, begin + i) >> kShift;
+  };
+  auto keep = [&](int64_t i) SAP_INLINE_LAMBDA { return Masked ? uint32_t(mask[i]) : 1u; };
+  int64_t i = 0;
+  for (; i + 2 <= length; i += 2) {
+    bins[digit(i)] += keep(i);
+    bins[kRowBins + digit(i + 1)] += keep(i + 1);
+  }
+  if (i < length) bins[digit(i)] += keep(i);
+  uint32_t retained = 0, bad = 0;  // rows here are shorter than 2^32
+  for (uint32_t d = 0; d < kRowBins; ++d) {
+    bins[d] += bins[kRowBins + d];
+    retained += bins[d];
+    bad += d >= (nonfinite >> kShift) ? bins[d] : 0;
+  }
+  result.retained = retained;
+  if (bad > 0) result.status = kRowNonfinite;
+  if (k < 0 || k > retained) result.status = result.status ? result.status : kRowBadK;
+  if (result.status != kRowOk || k == 0) return result;
+  // The bin of the k-th key: whole groups of 16 bins first (vectorised sums).
+  int64_t below = 0;
+  uint32_t d = 0;
+  for (; d + 16 <= kRowBins; d += 16) {
+    uint32_t group = 0;
+    for (uint32_t e = d; e < d + 16; ++e) group += bins[e];
+    if (below + group >= k) break;
+    below += group;
+  }
+  while (below + bins[d] < k) below += bins[d++];
+  // The keys of that bin: blocks without one are skipped after a vectorised
+  // test; the others are copied branch-free (membership is a coin toss).
+  scratch.keys.resize(bins[d] + 1);
+  uint32_t* keys = scratch.keys.data();
+  int64_t n = 0;
+  auto in_bin = [&](int64_t j) SAP_INLINE_LAMBDA {
+    return keep(j) & uint32_t((key_at<Type, KeyBits>(shard.data, begin + j) >> kShift) == d);
+  };
+  constexpr int64_t kBlock = 16;
+  for (int64_t block = 0; block < length; block += kBlock) {
+    const int64_t end = std::min(length, block + kBlock);
+    uint32_t any = 0;
+    for (int64_t j = block; j < end; ++j) any |= in_bin(j);
+    if (any == 0) continue;
+    for (int64_t j = block; j < end; ++j) {
+      keys[n] = key_at<Type, KeyBits>(shard.data, begin + j);
+      n += in_bin(j);
+    }
+  }
+  const int64_t r = k - below - 1;
+  std::nth_element(keys, keys + r, keys + n);
+  const uint32_t kth = keys[r];
+  result.key = kth;
+  result.below = below + std::count_if(keys, keys + r, [kth](uint32_t key) { return key < kth; });
+  return result;
+}
+
 // Long rows: radix select with one or two 65,536-bin passes over the row.
 template <int Type, int KeyBits, bool Masked>
-RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int64_t length, int64_t k,
-                               std::vector<uint32_t>& bins) {
+SAP_INLINE RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int64_t length,
+                                          int64_t k, RowScratch& scratch) {
   RowResult result;
+  std::vector<uint32_t>& bins = scratch.bins;
   bins.assign(kBins, 0);
   const bool* mask = Masked ? shard.mask + begin : nullptr;
   uint32_t max_key = 0;
@@ -235,6 +322,25 @@ RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int64_t length
   return result;
 }
 
+// Compiled once per instruction set (the bins' sums and block tests vectorise).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) RowResult
+select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, int64_t k,
+           RowScratch& scratch) {
+  RowResult result;
+  with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
+    constexpr int T = decltype(type)::value, B = decltype(bits)::value;
+    constexpr bool M = decltype(masked)::value;
+    if (length > kLongRow) {
+      result = row_kth_by_histogram<T, B, M>(shard, begin, length, k, scratch);
+    } else if (length >= kBinnedRow) {
+      result = row_kth_by_bins<T, B, M>(shard, begin, length, k, scratch);
+    } else {
+      result = row_kth_by_partition<T, B, M>(shard, begin, length, k, scratch);
+    }
+  });
+  return result;
+}
+
 struct RowError {
   int32_t status = kRowOk;
   int64_t row = 0, shard = 0, k = 0, retained = 0;
@@ -255,7 +361,7 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
   int64_t* out_data = out.data_ptr<int64_t>();
   std::vector<RowError> errors(chunk_starts.size() - 1);
   at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
-    std::vector<uint32_t> buffer;
+    RowScratch scratch;
     for (int64_t c = first; c < last; ++c) {
       for (int64_t s = chunk_starts[c]; s < chunk_starts[c + 1]; ++s) {
         const Segment& seg = segments[s];
@@ -263,14 +369,7 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
         const int64_t length = shard.row_length;
         for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
           const int64_t row = shard.first_unit + begin / length;
-          RowResult result;
-          with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
-            constexpr int T = decltype(type)::value, B = decltype(bits)::value;
-            constexpr bool M = decltype(masked)::value;
-            result = length > kLongRow
-                         ? row_kth_by_histogram<T, B, M>(shard, begin, length, k_data[row], buffer)
-                         : row_kth_by_partition<T, B, M>(shard, begin, length, k_data[row], buffer);
-          });
+          const RowResult result = select_row(shard, key_bits, begin, length, k_data[row], scratch);
           out_data[2 * row] = result.key;
           out_data[2 * row + 1] = result.below;
           if (result.status != kRowOk && errors[c].status == kRowOk) {
