@@ -45,11 +45,11 @@ def main() -> None:
         "probe (torch.sum)": lambda: [w.sum() for w in weights],
         "threshold, radix (2 passes)": radix_threshold,
         "threshold, sampled (1 pass)": lambda: ops.kth_key_by_sample(
-            "cpu", weights, masks, 32, k, sample
+            "cpu", weights, masks, 0, 32, k, sample
         ),
         "prune, radix + mask pass": radix_prune,
         "prune, sampled (1 pass)": lambda: ops.prune_masks_by_sample(
-            "cpu", weights, masks, 32, k, sample
+            "cpu", weights, masks, 0, 32, k, sample
         ),
         "sap_kernels.prune (API)": lambda: sap_kernels.prune(weights, None, int(k)),
     }

@@ -32,23 +32,26 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def(
       "rowwise_kth_key(Tensor[] weights, Tensor?[] masks, int key_bits, "
       "Tensor ks) -> Tensor");
-  // int64 [4] for the global scope, on CPU: (key of the k-th smallest retained
-  // magnitude, retained keys below it, retained count, retained non-finite
-  // count), found in one pass over the weights after bracketing the key with a
-  // sample of sample_size keys. key = -1 when k == 0, k is out of range or a
-  // retained weight is NaN or infinite; key = -2 when the sample missed (the
-  // caller then uses magnitude_histogram). k has shape [1].
+  // int64 [units, 4] for the global (0) or layer (1) scope, on CPU: per unit
+  // (key of the k-th smallest retained magnitude, retained keys below it,
+  // retained count, retained non-finite count), found in one pass over the
+  // weights after bracketing the keys with a sample of sample_size keys.
+  // key = -1 when k == 0, k is out of range or a retained weight is NaN or
+  // infinite; key = -2 when the sample missed (the caller then uses
+  // magnitude_histogram). k has one entry per unit.
   m.def(
-      "kth_key_by_sample(Tensor[] weights, Tensor?[] masks, int key_bits, Tensor k, "
+      "kth_key_by_sample(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, Tensor k, "
       "int sample_size) -> Tensor");
-  // prune_masks for the global scope on CPU in one pass, choosing the
-  // threshold as kth_key_by_sample does (k = count): new contiguous bool masks
-  // with the count retained weights of smallest magnitude removed (ties in flat
-  // order), and that op's int64 [4] status. When the status key is -2 (a miss)
-  // or -1 (count 0 or out of range, NaN or infinity), the masks are undefined.
+  // prune_masks for the global or layer scope on CPU in one pass, choosing the
+  // thresholds as kth_key_by_sample does (k = count): new contiguous bool
+  // masks with each unit's count retained weights of smallest magnitude
+  // removed (ties in flat order), and that op's int64 [units, 4] status. A
+  // unit with count 0 keeps its mask; where a unit's status key is -2 (a miss)
+  // or -1 with count > 0 (out of range, NaN or infinity), the masks are
+  // undefined.
   m.def(
-      "prune_masks_by_sample(Tensor[] weights, Tensor?[] masks, int key_bits, Tensor count, "
-      "int sample_size) -> (Tensor[], Tensor)");
+      "prune_masks_by_sample(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, "
+      "Tensor count, int sample_size) -> (Tensor[], Tensor)");
   // New bool masks: retained weights with key < threshold_keys[unit] are
   // removed, and so are the first remove_equal[unit] retained weights with
   // key == threshold_keys[unit] in flat order. threshold_keys < 0 removes

@@ -40,13 +40,13 @@ if has_extension():
         return weights[0].new_empty((_fake_units(weights, _NEURON), 2), dtype=torch.int64)
 
     @torch.library.register_fake("sap_kernels::kth_key_by_sample")
-    def _kth_key_by_sample_fake(weights, masks, key_bits, k, sample_size):
-        return weights[0].new_empty((4,), dtype=torch.int64)
+    def _kth_key_by_sample_fake(weights, masks, scope, key_bits, k, sample_size):
+        return weights[0].new_empty((_fake_units(weights, scope), 4), dtype=torch.int64)
 
     @torch.library.register_fake("sap_kernels::prune_masks_by_sample")
-    def _prune_masks_by_sample_fake(weights, masks, key_bits, count, sample_size):
+    def _prune_masks_by_sample_fake(weights, masks, scope, key_bits, count, sample_size):
         new_masks = [w.new_empty(w.shape, dtype=torch.bool) for w in weights]
-        return new_masks, weights[0].new_empty((4,), dtype=torch.int64)
+        return new_masks, weights[0].new_empty((_fake_units(weights, scope), 4), dtype=torch.int64)
 
     @torch.library.register_fake("sap_kernels::prune_masks")
     def _prune_masks_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
@@ -173,20 +173,23 @@ def rowwise_kth_key(backend: str, weights, masks, key_bits, ks):
 
 
 def has_sample_select(backend: str) -> bool:
-    """Whether `backend` has kth_key_by_sample (the one-pass global selection)."""
+    """Whether `backend` has kth_key_by_sample (the one-pass global and layer
+    selection)."""
     return backend == "cpu"
 
 
-def kth_key_by_sample(backend: str, weights, masks, key_bits, k, sample_size):
+def kth_key_by_sample(backend: str, weights, masks, scope, key_bits, k, sample_size):
     if not has_sample_select(backend):
         raise NotImplementedError(f"kth_key_by_sample has no {backend!r} kernel")
-    return torch.ops.sap_kernels.kth_key_by_sample(weights, masks, key_bits, k, sample_size)
+    return torch.ops.sap_kernels.kth_key_by_sample(weights, masks, scope, key_bits, k, sample_size)
 
 
-def prune_masks_by_sample(backend: str, weights, masks, key_bits, count, sample_size):
+def prune_masks_by_sample(backend: str, weights, masks, scope, key_bits, count, sample_size):
     if not has_sample_select(backend):
         raise NotImplementedError(f"prune_masks_by_sample has no {backend!r} kernel")
-    return torch.ops.sap_kernels.prune_masks_by_sample(weights, masks, key_bits, count, sample_size)
+    return torch.ops.sap_kernels.prune_masks_by_sample(
+        weights, masks, scope, key_bits, count, sample_size
+    )
 
 
 def prune_masks(backend: str, weights, masks, scope, key_bits, threshold_keys, remove_equal):

@@ -26,9 +26,16 @@ from .reference import key_bits_for, keys_to_values
 
 # Units per histogram call in layer scope: 64 x 65,536 int64 = 32 MiB.
 _UNITS_PER_HISTOGRAM = 64
-# Keys sampled to bracket a global k-th key (kth_key_by_sample): the bracket
-# then holds about 1.6% of the weights.
+# Keys sampled to bracket the global or each layer's k-th key
+# (kth_key_by_sample): a global bracket then holds about 1.6% of the weights.
 SAMPLE_SIZE = 65536
+# Layer scope samples up to this many times more keys: a unit's bracket widens
+# as 1/sqrt(its share of the sample), and the candidates must fit the budget.
+_LAYER_SAMPLE_FACTOR = 4
+
+
+def _sample_size(units: int) -> int:
+    return SAMPLE_SIZE * min(units, _LAYER_SAMPLE_FACTOR)
 
 
 def _compiling() -> bool:
@@ -138,38 +145,48 @@ def _select_radix(
     return keys, below
 
 
-def _uses_sample_select(backend, scope: str, group) -> bool:
-    """The one-pass global selection applies: one process, eager mode (a miss is
-    data-dependent, so compiled graphs use the radix select). With 16-bit keys the
-    radix select is a single pass too, but its scattered histogram increments are
-    slower than the sampled pass's vectorised compares."""
+def _uses_sample_select(backend, scope: str, group, key_bits: int) -> bool:
+    """The one-pass global or layer selection applies: one process, eager mode (a
+    miss is data-dependent, so compiled graphs use the radix select). With 16-bit
+    keys the radix select is a single pass too, but its scattered histogram
+    increments are slower than the sampled pass's vectorised compares; in layer
+    scope 16-bit keys are not sampled (no faster, and pruning was slower: the
+    coarse keys put more weights in each unit's bracket)."""
     return (
-        scope == "global" and group is None and ops.has_sample_select(backend) and not _compiling()
+        (scope == "global" or (scope == "layer" and key_bits == 32))
+        and group is None
+        and ops.has_sample_select(backend)
+        and not _compiling()
     )
 
 
-def _sample_result(status, ks, argument, allow_zero):
-    """(key, below) from a kth_key_by_sample status, raising the radix select's
-    errors; None when the sample missed."""
-    key, below, retained, nonfinite = status.tolist()
-    if key == -2:
+def _sample_result(status, ks, argument, allow_zero, labels):
+    """(keys, below) per unit from a kth_key_by_sample status [units, 4], raising
+    the radix select's errors; None when the sample missed any unit."""
+    if bool((status[:, 0] == -2).any()):
         return None
-    labels = _unit_labels(None, "global")
-    if nonfinite > 0:
-        raise ValueError(f"{labels(0)} contains NaN or infinity among its retained weights")
-    _check_counts(ks, torch.tensor([retained]), argument, allow_zero, labels)
-    return (-1, 0) if int(ks[0]) == 0 else (key, below)
+    bad = status[:, 3].nonzero()
+    if bad.numel() > 0:
+        u = int(bad[0, 0])
+        raise ValueError(f"{labels(u)} contains NaN or infinity among its retained weights")
+    _check_counts(ks, status[:, 2], argument, allow_zero, labels)
+    found = ks > 0
+    return (
+        torch.where(found, status[:, 0], torch.full_like(ks, -1)),
+        torch.where(found, status[:, 1], torch.zeros_like(ks)),
+    )
 
 
-def _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero):
-    """(keys, below) of the global scope in one pass (kth_key_by_sample), or None
-    when the sample missed the k-th key and the radix select must run."""
-    status = ops.kth_key_by_sample(backend, tensors, masks, key_bits, ks, SAMPLE_SIZE)
-    found = _sample_result(status, ks, argument, allow_zero)
+def _select_by_sample(backend, tensors, masks, code, key_bits, ks, argument, allow_zero, labels):
+    """(keys, below) per unit in one pass (kth_key_by_sample), or None when the
+    sample missed a k-th key and the radix select must run."""
+    size = _sample_size(ks.numel())
+    status = ops.kth_key_by_sample(backend, tensors, masks, code, key_bits, ks, size)
+    found = _sample_result(status, ks, argument, allow_zero, labels)
     if found is None:
         return None
     device = tensors[0].device
-    return tuple(torch.tensor([value], dtype=torch.int64, device=device) for value in found)
+    return tuple(values.to(device) for values in found)
 
 
 def _retained_per_unit(tensors, masks, scope: str) -> torch.Tensor:
@@ -232,8 +249,10 @@ def _kth_keys(
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
     labels = _unit_labels(weights, scope)
-    if sample and _uses_sample_select(backend, scope, group):
-        found = _select_by_sample(backend, tensors, masks, key_bits, ks, argument, allow_zero)
+    if sample and _uses_sample_select(backend, scope, group, key_bits):
+        found = _select_by_sample(
+            backend, tensors, masks, code, key_bits, ks, argument, allow_zero, labels
+        )
         if found is not None:
             return (*found, key_bits)
     # Global scope is one unit over every tensor; layer scope batches its units
@@ -333,16 +352,17 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
     tensors = weights.tensors
     key_bits = key_bits_for(tensors)
     sampled = (
-        _uses_sample_select(chosen, scope, group)
-        and int(counts[0]) > 0
+        _uses_sample_select(chosen, scope, group, key_bits)
+        and bool((counts > 0).any())
         and all(w.is_contiguous() for w in tensors)  # its masks are contiguous
     )
     if sampled:
-        # threshold and masks in one pass; the radix select only after a miss
+        # thresholds and masks in one pass; the radix select only after a miss
         new_masks, status = ops.prune_masks_by_sample(
-            chosen, tensors, mask_list, key_bits, counts, SAMPLE_SIZE
+            chosen, tensors, mask_list, code, key_bits, counts, _sample_size(counts.numel())
         )
-        if _sample_result(status, counts, "counts", True) is not None:
+        labels = _unit_labels(weights, scope)
+        if _sample_result(status, counts, "counts", True, labels) is not None:
             return new_masks
     keys, below, key_bits = _kth_keys(
         chosen, weights, mask_list, scope, counts, group, "counts", True, sample=not sampled

@@ -1,7 +1,7 @@
-"""kth_key_by_sample (CPU, global scope): one pass after bracketing the k-th key
-with a sample. Whatever the sample size, a result other than a miss (-2) must
-equal the radix select's (key, below); through the API a miss falls back to
-the radix select, so thresholds and masks stay exact."""
+"""kth_key_by_sample (CPU, global and layer scope): one pass after bracketing
+each unit's k-th key with a sample. Whatever the sample size, a result other
+than a miss (-2) must equal the radix select's (key, below); through the API a
+miss falls back to the radix select, so thresholds and masks stay exact."""
 
 from __future__ import annotations
 
@@ -24,17 +24,23 @@ KINDS = ["normal", "ties", "zeros", "heavy"]
 SAMPLE_SIZES = [4, 16, 100, 1000, 65536]
 SHAPES = [(97, 13), (4001,), (5, 1), (1, 1), (3, 40, 50), (2, 20_001)]
 MISS = -2
+GLOBAL, LAYER = 0, 1
+
+
+def radix_keys_and_below(weights, masks, ks: torch.Tensor, scope: int) -> torch.Tensor:
+    """[units, 2]: (key, below) of each unit's k-th smallest retained key by the
+    reference ops (key -1, below 0 where k = 0)."""
+    key_bits = reference.key_bits_for(weights)
+    nonfinite = selection._nonfinite_digit(key_bits, weights[0].dtype)
+    keys, below = selection._select_radix(
+        "reference", weights, masks, scope, key_bits, ks, None, "k", True, str, nonfinite
+    )
+    return torch.stack([keys, below], 1)
 
 
 def radix_key_and_below(weights, masks, k: int):
-    """(key, below) of the k-th smallest retained key by the float64 reference ops."""
-    key_bits = reference.key_bits_for(weights)
-    ks = torch.tensor([k])
-    nonfinite = selection._nonfinite_digit(key_bits, weights[0].dtype)
-    keys, below = selection._select_radix(
-        "reference", weights, masks, 0, key_bits, ks, None, "k", False, str, nonfinite
-    )
-    return int(keys[0]), int(below[0])
+    """(key, below) of the global k-th smallest retained key."""
+    return tuple(radix_keys_and_below(weights, masks, torch.tensor([k]), GLOBAL)[0].tolist())
 
 
 def make_inputs(dtype, kind, masked, generator):
@@ -57,8 +63,8 @@ def test_sample_select_matches_radix(dtype, kind, masked, generator):
         want = radix_key_and_below(weights, masks, k)
         for sample_size in SAMPLE_SIZES:
             got = torch.ops.sap_kernels.kth_key_by_sample(
-                weights, masks, key_bits, torch.tensor([k]), sample_size
-            ).tolist()
+                weights, masks, GLOBAL, key_bits, torch.tensor([k]), sample_size
+            ).tolist()[0]
             if got[0] == MISS:
                 outcomes.add("miss")
                 continue
@@ -70,34 +76,52 @@ def test_sample_select_matches_radix(dtype, kind, masked, generator):
 
 def test_sample_select_edge_cases(generator):
     weights = [random_weights((300, 7), torch.float32, "normal", generator)]
-    count = torch.ops.sap_kernels.kth_key_by_sample
-    assert count(weights, [None], 32, torch.tensor([0]), 100).tolist() == [-1, 0, 2100, 0]
-    assert count(weights, [None], 32, torch.tensor([2101]), 100).tolist()[0] == -1
+
+    def count(weights, masks, k, sample_size, scope=GLOBAL):
+        status = torch.ops.sap_kernels.kth_key_by_sample(
+            weights, masks, scope, 32, torch.tensor(k), sample_size
+        )
+        return status.tolist()[0]
+
+    assert count(weights, [None], [0], 100) == [-1, 0, 2100, 0]
+    assert count(weights, [None], [2101], 100)[0] == -1
     weights[0][5, 5] = float("nan")
-    assert count(weights, [None], 32, torch.tensor([3]), 100).tolist()[3] == 1
+    assert count(weights, [None], [3], 100)[3] == 1
     masks = [torch.ones(300, 7, dtype=torch.bool)]
     masks[0][5, 5] = False  # a pruned NaN is not counted
-    assert count(weights, masks, 32, torch.tensor([3]), 100).tolist()[2:] == [2099, 0]
+    assert count(weights, masks, [3], 100)[2:] == [2099, 0]
     with pytest.raises(ValueError, match="sample_size must be >= 1"):
-        count(weights, masks, 32, torch.tensor([3]), 0)
+        count(weights, masks, [3], 0)
     with pytest.raises(ValueError, match=r"k must have shape \[1\]"):
-        count(weights, masks, 32, torch.tensor([3, 4]), 100)
+        count(weights, masks, [3, 4], 100)
+    with pytest.raises(ValueError, match=r"scope must be 0 \(global\) or 1 \(layer\)"):
+        count(weights, masks, [3], 100, scope=2)
 
 
 @pytest.mark.parametrize("sample_size", [4, 100, 65536])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["normal", "ties"])
-def test_api_exact_with_any_sample_size(sample_size, dtype, kind, generator, monkeypatch):
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_api_exact_with_any_sample_size(sample_size, dtype, kind, scope, generator, monkeypatch):
     """Thresholds and masks of the CPU backend equal the reference backend's,
-    whether the sample brackets the key, misses it, or is not taken."""
+    whether the sample brackets the keys, misses one, or is not taken."""
     monkeypatch.setattr(selection, "SAMPLE_SIZE", sample_size)
     weights, masks, retained = make_inputs(dtype, kind, True, generator)
-    for k in (1, retained // 3, retained):
-        got = sap_kernels.magnitude_threshold(weights, k, masks, backend="cpu")
-        want = sap_kernels.magnitude_threshold(weights, k, masks, backend="reference")
+    for m in masks:
+        if m is not None:  # every layer keeps a weight, so k = 1 is valid
+            m.view(-1)[0] = True
+    per_layer = torch.tensor([int(m.sum()) if m is not None else w.numel()
+                              for w, m in zip(weights, masks)])  # fmt: skip
+    total = per_layer.sum().reshape(1) if scope == "global" else per_layer
+    for k in (torch.ones_like(total), (total // 3).clamp(min=1), total):
+        got = sap_kernels.magnitude_threshold(weights, k, masks, scope=scope, backend="cpu")
+        want = sap_kernels.magnitude_threshold(weights, k, masks, scope=scope, backend="reference")
         assert torch.equal(got, want), (k, got, want)
-        new = sap_kernels.prune(weights, masks, k, backend="cpu")
-        expected = reference.prune_by_stable_sort(weights, masks, torch.tensor([k]), "global")
+        counts = k
+        if scope == "layer":  # some layers keep every weight
+            counts = torch.where(torch.arange(len(weights)) % 3 == 1, 0, counts)
+        new = sap_kernels.prune(weights, masks, counts, scope=scope, backend="cpu")
+        expected = reference.prune_by_stable_sort(weights, masks, counts, scope)
         assert all(torch.equal(a, b) for a, b in zip(new, expected))
 
 
@@ -116,8 +140,8 @@ def test_vector_and_scalar_paths_agree(no_avx512, generator, monkeypatch):
         key_bits = reference.key_bits_for(weights)
         for k in (1, retained // 2, retained):
             got = torch.ops.sap_kernels.kth_key_by_sample(
-                weights, masks, key_bits, torch.tensor([k]), 100
-            ).tolist()
+                weights, masks, GLOBAL, key_bits, torch.tensor([k]), 100
+            ).tolist()[0]
             if got[0] != MISS:
                 assert (got[0], got[1]) == radix_key_and_below(weights, masks, k)
 
@@ -143,10 +167,10 @@ def test_prune_masks_by_sample_matches_stable_sort(
     for count in counts:
         expected = reference.prune_by_stable_sort(weights, masks, torch.tensor([count]), "global")
         for sample_size in SAMPLE_SIZES:
-            args = (weights, masks, key_bits, torch.tensor([count]), sample_size)
+            args = (weights, masks, GLOBAL, key_bits, torch.tensor([count]), sample_size)
             new_masks, status = torch.ops.sap_kernels.prune_masks_by_sample(*args)
             assert status.tolist() == torch.ops.sap_kernels.kth_key_by_sample(*args).tolist()
-            if int(status[0]) == MISS:
+            if int(status[0, 0]) == MISS:
                 outcomes.add("miss")
                 continue
             outcomes.add("found")
@@ -156,15 +180,50 @@ def test_prune_masks_by_sample_matches_stable_sort(
     assert outcomes == {"miss", "found"}
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_layer_scope_matches_radix_and_stable_sort(dtype, kind, masked, generator):
+    """Layer scope: each unit's (key, below) equals the radix select's and the
+    masks the stable-sort oracle's, unless the status reports a miss; a unit
+    with k = 0 gets key -1 and keeps its mask."""
+    weights, masks, _ = make_inputs(dtype, kind, masked, generator)
+    key_bits = reference.key_bits_for(weights)
+    per_layer = torch.tensor([int(m.sum()) if m is not None else w.numel()
+                              for w, m in zip(weights, masks)])  # fmt: skip
+    outcomes = set()
+    for _ in range(4):
+        ks = (torch.rand(len(weights), generator=generator) * (per_layer + 1)).long()
+        ks[int(torch.randint(len(weights), (1,), generator=generator))] = 0
+        want = radix_keys_and_below(weights, masks, ks, LAYER)
+        expected = reference.prune_by_stable_sort(weights, masks, ks, "layer")
+        for sample_size in SAMPLE_SIZES:
+            args = (weights, masks, LAYER, key_bits, ks, sample_size)
+            status = torch.ops.sap_kernels.kth_key_by_sample(*args)
+            new_masks, pruned_status = torch.ops.sap_kernels.prune_masks_by_sample(*args)
+            assert torch.equal(status, pruned_status)
+            assert torch.equal(status[:, 2], per_layer) or bool((status[:, 0] == MISS).any())
+            if bool((status[:, 0] == MISS).any()):
+                outcomes.add("miss")
+                continue
+            outcomes.add("found")
+            assert torch.equal(status[:, :2], want), (ks, sample_size, status, want)
+            for got, wanted in zip(new_masks, expected):
+                assert torch.equal(got, wanted), (ks, sample_size)
+    assert outcomes == {"miss", "found"}
+
+
 @pytest.mark.parametrize(
     "op_name,kind", [("kth_key_by_sample", "normal"), ("prune_masks_by_sample", "ties")]
 )
-def test_opcheck_sampled_ops(op_name, kind, generator):
+@pytest.mark.parametrize("scope", [GLOBAL, LAYER])
+def test_opcheck_sampled_ops(op_name, kind, scope, generator):
     weights, masks, retained = make_inputs(torch.float32, kind, True, generator)
+    k = torch.tensor([retained // 2]) if scope == GLOBAL else torch.ones(len(weights), dtype=int)
     for sample_size in (4, 1000):
         torch.library.opcheck(
             getattr(torch.ops.sap_kernels, op_name).default,
-            (weights, masks, 32, torch.tensor([retained // 2]), sample_size),
+            (weights, masks, scope, 32, k, sample_size),
         )
 
 

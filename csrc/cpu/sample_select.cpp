@@ -1,25 +1,28 @@
-// Exact k-th smallest retained magnitude over all shards (global scope) in one
-// pass over the weights, by bracketing it with a sample first (DESIGN.md §5).
+// Exact k-th smallest retained magnitude of each unit (global or layer scope)
+// in one pass over the weights, by bracketing it with a sample first
+// (DESIGN.md §5).
 //
-// kth_key_by_sample, with keys k(w) as in selection.cpp, r retained weights and
-// 1 <= k <= r:
-//   1. Sample s keys at stratified positions (one per stratum of n/s elements,
-//      deterministically jittered). Among the s' retained ones, the keys of
-//      ranks f s' -+ delta (f = k / r, r estimated from the sample; delta about
-//      4 standard deviations of a sample quantile) bracket the k-th key: lo, hi.
+// kth_key_by_sample, with keys k(w) as in selection.cpp, and per unit u with
+// r retained weights and 1 <= k <= r:
+//   1. Sample s keys at stratified positions of the flat order (one per
+//      stratum of n/s elements, deterministically jittered; a unit gets its
+//      share). Among the s' retained ones of u, the keys of ranks f s' -+ delta
+//      (f = k / r, r estimated from the sample; delta about 4 standard
+//      deviations of a sample quantile) bracket the k-th key: lo, hi. A unit
+//      with fewer than 64 of them brackets the whole key range.
 //   2. One pass: below = #{retained : k(w) < lo}, the candidates C = {retained
-//      k(w) in [lo, hi]} (kept per chunk), and the retained and non-finite
-//      counts.
+//      k(w) in [lo, hi]} (kept per chunk, counted per segment), and the
+//      retained and non-finite counts.
 //   3. If below < k <= below + |C|, the answer is the (k - below)-th smallest
-//      candidate: a 65,536-bin histogram of (key - lo) >> shift over C finds its
-//      bin and std::nth_element the key inside it. Otherwise the sample missed
-//      (rare), or C outgrew its budget (heavy ties around the k-th key): the
-//      result says so and the caller runs the radix select instead.
+//      candidate (std::nth_element, after a 65,536-bin histogram of
+//      (key - lo) >> shift over C when C is large). Otherwise the sample
+//      missed (rare), or all C outgrew their budget (heavy ties around the
+//      k-th key): the result says so and the caller runs the radix select.
 //
-// Result int64 [4]: (key, below, retained, nonfinite), where below counts the
-// retained keys smaller than key. key = -1 when k == 0, when k is outside
-// [0, retained] or when a retained weight is NaN or infinite (the caller
-// raises); key = -2 on a miss.
+// Result int64 [units, 4]: (key, below, retained, nonfinite) per unit, where
+// below counts the retained keys smaller than key. key = -1 when k == 0, when
+// k is outside [0, retained] or when a retained weight is NaN or infinite (the
+// caller raises); key = -2 on a miss.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -51,13 +54,22 @@ double jitter(uint64_t j) {
   return double(z >> 11) * 0x1p-53;
 }
 
-// Keys of the retained weights at s stratified positions of the flat order.
-std::vector<uint32_t> sample_keys(const ShardTable& table, int64_t key_bits, int64_t s) {
+// A unit's share of the sample: the keys of its retained sampled weights and
+// the number of sampled positions (retained or not) that fell in the unit.
+struct UnitSample {
+  std::vector<uint32_t> keys;
+  int64_t positions = 0;
+};
+
+// The keys at s stratified positions of the flat order, per unit (a unit gets
+// positions in proportion to its size).
+std::vector<UnitSample> sample_keys(const ShardTable& table, int64_t key_bits, int64_t s) {
   const int64_t n = table.total_numel;
   std::vector<int64_t> shard_end(table.shards.size());
   int64_t end = 0;
   for (size_t i = 0; i < table.shards.size(); ++i) shard_end[i] = end += table.shards[i].numel;
   std::vector<int64_t> keys(s, -1);  // -1: the sampled weight is pruned
+  std::vector<int64_t> units(s, 0);
   at::parallel_for(0, s, 4096, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       int64_t flat = int64_t((double(j) + jitter(uint64_t(j))) * double(n) / double(s));
@@ -65,22 +77,28 @@ std::vector<uint32_t> sample_keys(const ShardTable& table, int64_t key_bits, int
       const auto it = std::upper_bound(shard_end.begin(), shard_end.end(), flat);
       const size_t i = size_t(it - shard_end.begin());
       const Shard& shard = table.shards[i];
+      units[j] = shard.first_unit;
       const int64_t offset = flat - (shard_end[i] - shard.numel);
       if (shard.mask != nullptr && !shard.mask[offset]) continue;
       keys[j] = magnitude_key(shard, offset, int(key_bits));
     }
   });
-  std::vector<uint32_t> retained;
-  retained.reserve(s);
-  for (const int64_t key : keys) {
-    if (key >= 0) retained.push_back(uint32_t(key));
+  std::vector<UnitSample> sample(table.num_units);
+  for (int64_t j = 0; j < s; ++j) {
+    UnitSample& unit = sample[units[j]];
+    ++unit.positions;
+    if (keys[j] >= 0) unit.keys.push_back(uint32_t(keys[j]));
   }
-  return retained;
+  return sample;
 }
 
 struct Bracket {
   uint32_t lo = 0, hi = 0xffffffffu;
+  bool collect = true;  // false: counts only (and a pruning pass keeps m_i)
 };
+// For k = 0 (nothing to find) or k out of range (an error): nothing is below
+// lo = 0, so a pruning pass copies the masks; no candidates.
+constexpr Bracket kCountsOnly{0, 0xffffffffu, false};
 
 // Keys of sample ranks f s' -+ delta; the whole key range where the sample is
 // too small to say anything.
@@ -158,7 +176,7 @@ SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t len
   out.below += below;
   out.retained += kept;
   out.nonfinite += bad;
-  if (b.lo > b.hi) return;  // an empty bracket: counts only
+  if (!b.collect) return;
   // The candidates, from the segment again (now in cache): blocks without one
   // are skipped after a vectorised test; the others are copied branch-free,
   // since whether a key is a candidate is as unpredictable as a coin toss.
@@ -221,7 +239,7 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Sh
   const __m512i width = _mm512_set1_epi32(int(b.hi - b.lo));
   const __m512i nonfinite = _mm512_set1_epi32(int(nonfinite_key<Type, KeyBits>()));
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const bool collect = b.lo <= b.hi;
+  const bool collect = b.collect;
   int64_t below = 0, kept = 0, bad = 0, i = 0;
   // Groups of 16 vectors share one room check, and the candidates' count
   // stays in a register within a group.
@@ -312,35 +330,49 @@ count_and_collect_range(const Shard& shard, int64_t key_bits, int64_t begin, int
   });
 }
 
+// A run of candidates' keys (those of one segment).
+struct Span {
+  const uint32_t* keys;
+  int64_t size;
+};
+
+// Fewer candidates than this are selected by std::nth_element on a copy;
+// more through a 65,536-bin histogram (in parallel) first.
+constexpr int64_t kDirectSelect = int64_t(1) << 16;
+
 // The rank-th (1-based) smallest of the candidates, all in [lo, hi], and the
 // number of candidates smaller than it.
-std::pair<uint32_t, int64_t> select_candidate(const std::vector<ChunkCounts>& chunks, Bracket b,
-                                              int64_t rank) {
-  const uint32_t span = b.hi - b.lo;
-  const int width = span == 0 ? 0 : 32 - __builtin_clz(span);
-  const int shift = std::max(0, width - 16);
-  std::vector<int64_t> bins(kBins, 0);
-  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<uint32_t> local(kBins, 0);
-    int64_t added = 0;
-    for (int64_t c = first; c < last; ++c) {
-      for (const uint32_t key : chunks[c].candidates) ++local[(key - b.lo) >> shift];
-      added += int64_t(chunks[c].candidates.size());
-    }
-    if (added == 0) return;
-    for (int64_t d = 0; d < kBins; ++d) {
-      if (local[d] != 0) __atomic_fetch_add(&bins[d], int64_t(local[d]), __ATOMIC_RELAXED);
-    }
-  });
-  int64_t below = 0;
-  uint32_t digit = 0;
-  while (below + bins[digit] < rank) below += bins[digit++];
-  if (shift == 0) return {b.lo + digit, below};
+std::pair<uint32_t, int64_t> select_candidate(const std::vector<Span>& spans, int64_t total,
+                                              Bracket b, int64_t rank) {
   std::vector<uint32_t> in_bin;
-  in_bin.reserve(size_t(bins[digit]));
-  for (const ChunkCounts& chunk : chunks) {
-    for (const uint32_t key : chunk.candidates) {
-      if (((key - b.lo) >> shift) == digit) in_bin.push_back(key);
+  int64_t below = 0;
+  if (total <= kDirectSelect) {
+    in_bin.reserve(size_t(total));
+    for (const Span& span : spans) in_bin.insert(in_bin.end(), span.keys, span.keys + span.size);
+  } else {
+    const uint32_t width = b.hi - b.lo;
+    const int shift = std::max(0, (width == 0 ? 0 : 32 - __builtin_clz(width)) - 16);
+    std::vector<int64_t> bins(kBins, 0);
+    at::parallel_for(0, int64_t(spans.size()), 1, [&](int64_t first, int64_t last) {
+      std::vector<uint32_t> local(kBins, 0);
+      int64_t added = 0;
+      for (int64_t i = first; i < last; ++i) {
+        for (int64_t j = 0; j < spans[i].size; ++j) ++local[(spans[i].keys[j] - b.lo) >> shift];
+        added += spans[i].size;
+      }
+      if (added == 0) return;
+      for (int64_t d = 0; d < kBins; ++d) {
+        if (local[d] != 0) __atomic_fetch_add(&bins[d], int64_t(local[d]), __ATOMIC_RELAXED);
+      }
+    });
+    uint32_t digit = 0;
+    while (below + bins[digit] < rank) below += bins[digit++];
+    if (shift == 0) return {b.lo + digit, below};
+    in_bin.reserve(size_t(bins[digit]));
+    for (const Span& span : spans) {
+      for (int64_t j = 0; j < span.size; ++j) {
+        if (((span.keys[j] - b.lo) >> shift) == digit) in_bin.push_back(span.keys[j]);
+      }
     }
   }
   const int64_t r = rank - below - 1;
@@ -350,37 +382,60 @@ std::pair<uint32_t, int64_t> select_candidate(const std::vector<ChunkCounts>& ch
   return {key, below};
 }
 
-// The sample, the pass and the selection among candidates, shared by both ops.
-struct SamplePass {
-  Bracket bracket;
-  std::vector<Segment> segments;
-  std::vector<int64_t> chunk_starts;
-  std::vector<ChunkCounts> chunks;
-  // (key, below, retained, nonfinite) as the ops return them
+// What the pass found in one segment: its counts, and its candidates
+// [first, last) in its chunk's lists, whose positions start at `offset`.
+struct SegmentCounts {
+  int64_t below = 0, retained = 0, nonfinite = 0;
+  int64_t chunk = 0, first = 0, last = 0;
+  uint32_t offset = 0;
+};
+
+// A unit's result as the ops return it: (key, below, retained, nonfinite).
+struct UnitResult {
   int64_t key = kKeyUnknown, below = 0, retained = 0, nonfinite = 0;
 };
 
-// Brackets the k-th key, runs the pass (writing m_i and k_i >= lo into
-// new_masks when given) and selects the key among the candidates.
-SamplePass run_sample_pass(const ShardTable& table, int64_t key_bits, int64_t k,
-                           int64_t sample_size, const std::vector<bool*>* new_masks) {
+// The sample, the pass and the selection among candidates, shared by both ops.
+struct SamplePass {
+  std::vector<Bracket> brackets;  // per unit
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  std::vector<int64_t> unit_segments;  // unit u's segments: [unit_segments[u], [u + 1])
+  std::vector<ChunkCounts> chunks;
+  std::vector<SegmentCounts> counts;  // per segment
+  std::vector<UnitResult> units;
+};
+
+// Brackets each unit's k-th key, runs the pass (writing m_i and k_i >= lo into
+// new_masks when given) and selects the keys among the candidates.
+SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_bits,
+                           const int64_t* ks, int64_t sample_size,
+                           const std::vector<bool*>* new_masks) {
   SamplePass pass;
-  const int64_t n = table.total_numel;
+  const int64_t n = table.total_numel, num_units = table.num_units;
+  std::vector<int64_t> unit_numel(num_units, 0);
+  for (const Shard& shard : table.shards) unit_numel[shard.first_unit] += shard.numel;
   // Small inputs (or a sample as large as the input) keep every retained key.
   const int64_t s = std::min(sample_size, n);
-  if (k <= 0 || k > n) {
-    pass.bracket = Bracket{0xffffffffu, 0};  // no candidates: only the counts are wanted
-  } else if (n > 4 * s) {
-    std::vector<uint32_t> sample = sample_keys(table, key_bits, s);
-    pass.bracket = bracket_from_sample(sample, s, n, k);
+  std::vector<UnitSample> sample;
+  if (n > 4 * s) sample = sample_keys(table, key_bits, s);
+  pass.brackets.assign(num_units, Bracket{});
+  for (int64_t u = 0; u < num_units; ++u) {
+    if (ks[u] <= 0 || ks[u] > unit_numel[u]) {
+      pass.brackets[u] = kCountsOnly;
+    } else if (!sample.empty()) {
+      UnitSample& unit = sample[u];
+      pass.brackets[u] = bracket_from_sample(unit.keys, unit.positions, unit_numel[u], ks[u]);
+    }
   }
   // Typical brackets hold ~1.6% of the weights (s = 65,536); a sixteenth plus
   // 16 s keys (1M) leaves room for unlucky ones and bounds the memory.
   const int64_t budget = n / 16 + 16 * s;
 
-  make_segments(table, kGlobal, kChunk, pass.segments, pass.chunk_starts);
+  make_segments(table, scope, kChunk, pass.segments, pass.chunk_starts);
   const int64_t num_chunks = int64_t(pass.chunk_starts.size()) - 1;
   pass.chunks.resize(num_chunks);
+  pass.counts.resize(pass.segments.size());
   const bool avx512 = has_avx512() && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
   std::atomic<int64_t> collected{0};
   std::atomic<bool> overflow{false};
@@ -391,15 +446,23 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t key_bits, int64_t k,
       for (int64_t i = pass.chunk_starts[c]; i < pass.chunk_starts[c + 1]; ++i) {
         const Segment& seg = pass.segments[i];
         const Shard& shard = table.shards[seg.shard];
+        const Bracket bracket = pass.brackets[shard.first_unit];
         MaskOutput write;
         if (new_masks != nullptr) write = {(*new_masks)[seg.shard] + seg.begin, position};
+        const SegmentCounts before{chunk.below, chunk.retained, chunk.nonfinite, c, chunk.used};
         if (avx512) {
-          count_and_collect_range_avx512(shard, key_bits, seg.begin, seg.length, pass.bracket,
-                                         chunk, write);
+          count_and_collect_range_avx512(shard, key_bits, seg.begin, seg.length, bracket, chunk,
+                                         write);
         } else {
-          count_and_collect_range(shard, key_bits, seg.begin, seg.length, pass.bracket, chunk,
-                                  write);
+          count_and_collect_range(shard, key_bits, seg.begin, seg.length, bracket, chunk, write);
         }
+        pass.counts[i] = SegmentCounts{chunk.below - before.below,
+                                       chunk.retained - before.retained,
+                                       chunk.nonfinite - before.nonfinite,
+                                       c,
+                                       before.first,
+                                       chunk.used,
+                                       position};
         position += uint32_t(seg.length);
       }
       chunk.trim();
@@ -409,102 +472,151 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t key_bits, int64_t k,
       }
     }
   });
+  // Segments come in shard order, so each unit's segments are consecutive.
+  pass.unit_segments.assign(num_units + 1, int64_t(pass.segments.size()));
+  for (int64_t i = int64_t(pass.segments.size()) - 1; i >= 0; --i) {
+    pass.unit_segments[table.shards[pass.segments[i].shard].first_unit] = i;
+  }
+  for (int64_t u = num_units - 1; u >= 0; --u) {
+    pass.unit_segments[u] = std::min(pass.unit_segments[u], pass.unit_segments[u + 1]);
+  }
+  pass.units.assign(num_units, UnitResult{});
   if (overflow.load()) {
-    pass.key = kSampleMissed;
+    for (UnitResult& unit : pass.units) unit.key = kSampleMissed;
     return pass;
   }
-  int64_t candidates = 0;
-  for (const ChunkCounts& chunk : pass.chunks) {
-    pass.below += chunk.below;
-    pass.retained += chunk.retained;
-    pass.nonfinite += chunk.nonfinite;
-    candidates += chunk.used;
-  }
-  const int64_t below_bracket = pass.below;
-  pass.below = 0;
-  if (k <= 0 || k > pass.retained || pass.nonfinite > 0) return pass;  // key stays -1
-  if (k <= below_bracket || k > below_bracket + candidates) {
-    pass.key = kSampleMissed;
-    return pass;
-  }
-  const auto [key, below_in_bracket] =
-      select_candidate(pass.chunks, pass.bracket, k - below_bracket);
-  pass.key = key;
-  pass.below = below_bracket + below_in_bracket;
+  // Units in parallel (select_candidate's own parallel_for then runs inline);
+  // one unit (global scope) in parallel over its candidates.
+  at::parallel_for(0, num_units, 1, [&](int64_t first_unit, int64_t last_unit) {
+    for (int64_t u = first_unit; u < last_unit; ++u) {
+      UnitResult& unit = pass.units[u];
+      int64_t below_bracket = 0, candidates = 0;
+      std::vector<Span> spans;
+      for (int64_t i = pass.unit_segments[u]; i < pass.unit_segments[u + 1]; ++i) {
+        const SegmentCounts& seg = pass.counts[i];
+        below_bracket += seg.below;
+        unit.retained += seg.retained;
+        unit.nonfinite += seg.nonfinite;
+        candidates += seg.last - seg.first;
+        if (seg.last > seg.first) {
+          spans.push_back(
+              Span{pass.chunks[seg.chunk].candidates.data() + seg.first, seg.last - seg.first});
+        }
+      }
+      const int64_t k = ks[u];
+      if (k <= 0 || k > unit.retained || unit.nonfinite > 0) continue;  // key stays -1
+      if (k <= below_bracket || k > below_bracket + candidates) {
+        unit.key = kSampleMissed;
+        continue;
+      }
+      const auto [key, below_in_bracket] =
+          select_candidate(spans, candidates, pass.brackets[u], k - below_bracket);
+      unit.key = key;
+      unit.below = below_bracket + below_in_bracket;
+    }
+  });
   return pass;
 }
 
 at::Tensor status_of(const SamplePass& pass) {
-  at::Tensor status = at::empty({4}, at::TensorOptions().dtype(at::kLong));
+  const int64_t num_units = int64_t(pass.units.size());
+  at::Tensor status = at::empty({num_units, 4}, at::TensorOptions().dtype(at::kLong));
   int64_t* out = status.data_ptr<int64_t>();
-  const bool missed = pass.key == kSampleMissed;
-  out[0] = pass.key;
-  out[1] = pass.below;
-  out[2] = missed ? 0 : pass.retained;
-  out[3] = missed ? 0 : pass.nonfinite;
+  for (int64_t u = 0; u < num_units; ++u) {
+    const UnitResult& unit = pass.units[u];
+    const bool missed = unit.key == kSampleMissed;
+    out[4 * u] = unit.key;
+    out[4 * u + 1] = unit.below;
+    out[4 * u + 2] = missed ? 0 : unit.retained;
+    out[4 * u + 3] = missed ? 0 : unit.nonfinite;
+  }
   return status;
 }
 
-at::Tensor kth_key_by_sample_cpu(at::TensorList weights,
-                                 const c10::List<std::optional<at::Tensor>>& masks,
-                                 int64_t key_bits, const at::Tensor& k_tensor,
-                                 int64_t sample_size) {
-  constexpr const char* op = "kth_key_by_sample";
-  const ShardTable table = checked_table(weights, masks, kGlobal, key_bits, op);
-  const int64_t k = per_unit_values(k_tensor, 1, op, "k").item<int64_t>();
+// The checked inputs of both ops: the table and one k per unit.
+std::pair<ShardTable, at::Tensor> sample_op_inputs(
+    at::TensorList weights, const c10::List<std::optional<at::Tensor>>& masks, int64_t scope,
+    int64_t key_bits, const at::Tensor& k_tensor, int64_t sample_size, const char* op,
+    const char* k_name) {
+  TORCH_CHECK_VALUE(scope == kGlobal || scope == kLayer, op,
+                    ": scope must be 0 (global) or 1 (layer), got ", scope);
+  ShardTable table = checked_table(weights, masks, scope, key_bits, op);
+  at::Tensor ks = per_unit_values(k_tensor, table.num_units, op, k_name);
   TORCH_CHECK_VALUE(sample_size >= 1, op, ": sample_size must be >= 1, got ", sample_size);
-  return status_of(run_sample_pass(table, key_bits, k, sample_size, nullptr));
+  return {std::move(table), std::move(ks)};
 }
 
-// After the pass every candidate is kept; this removes those below the
-// threshold key t and the first remove_equal retained keys equal to t in flat
-// order (chunks are in flat order, and so are the candidates of a chunk).
-void remove_candidates(const SamplePass& pass, const std::vector<bool*>& new_masks, uint32_t t,
-                       int64_t remove_equal) {
-  const int64_t num_chunks = int64_t(pass.chunks.size());
-  std::vector<int64_t> equal_before(num_chunks + 1, 0);
-  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const auto& keys = pass.chunks[c].candidates;
-      equal_before[c + 1] = std::count(keys.begin(), keys.end(), t);
+at::Tensor kth_key_by_sample_cpu(at::TensorList weights,
+                                 const c10::List<std::optional<at::Tensor>>& masks, int64_t scope,
+                                 int64_t key_bits, const at::Tensor& k_tensor,
+                                 int64_t sample_size) {
+  const auto [table, ks] = sample_op_inputs(weights, masks, scope, key_bits, k_tensor, sample_size,
+                                            "kth_key_by_sample", "k");
+  return status_of(
+      run_sample_pass(table, scope, key_bits, ks.data_ptr<int64_t>(), sample_size, nullptr));
+}
+
+// After the pass every candidate is kept; this removes, in each unit u with a
+// key t_u, those below t_u and the first remove_equal_u retained keys equal to
+// t_u in flat order (segments are in flat order, and so are their candidates).
+void remove_candidates(const SamplePass& pass, const std::vector<bool*>& new_masks,
+                       const ShardTable& table, const int64_t* counts) {
+  const int64_t num_segments = int64_t(pass.segments.size());
+  auto unit_of = [&](int64_t i) { return table.shards[pass.segments[i].shard].first_unit; };
+  auto keys_of = [&](int64_t i) {
+    const SegmentCounts& seg = pass.counts[i];
+    return pass.chunks[seg.chunk].candidates.data() + seg.first;
+  };
+  // Keys equal to t_u in the unit's earlier segments.
+  std::vector<int64_t> equal_before(num_segments, 0);
+  at::parallel_for(0, num_segments, 16, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t t = pass.units[unit_of(i)].key;
+      const int64_t size = pass.counts[i].last - pass.counts[i].first;
+      if (t >= 0) equal_before[i] = std::count(keys_of(i), keys_of(i) + size, uint32_t(t));
     }
   });
-  for (int64_t c = 0; c < num_chunks; ++c) equal_before[c + 1] += equal_before[c];
-  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const ChunkCounts& chunk = pass.chunks[c];
-      int64_t equal_seen = equal_before[c];
-      int64_t s = pass.chunk_starts[c], segment_start = 0;
-      for (int64_t j = 0; j < chunk.used; ++j) {
-        const uint32_t key = chunk.candidates[j];
-        const bool remove = key < t || (key == t && equal_seen < remove_equal);
-        equal_seen += key == t;
-        if (!remove) continue;
-        const uint32_t position = chunk.positions[j];
-        while (position >= segment_start + pass.segments[s].length) {
-          segment_start += pass.segments[s++].length;
-        }
-        const Segment& seg = pass.segments[s];
-        new_masks[seg.shard][seg.begin + (position - segment_start)] = false;
+  for (int64_t u = 0; u < table.num_units; ++u) {
+    int64_t seen = 0;
+    for (int64_t i = pass.unit_segments[u]; i < pass.unit_segments[u + 1]; ++i) {
+      const int64_t here = equal_before[i];
+      equal_before[i] = seen;
+      seen += here;
+    }
+  }
+  at::parallel_for(0, num_segments, 16, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t u = unit_of(i);
+      const UnitResult& unit = pass.units[u];
+      if (unit.key < 0) continue;
+      const uint32_t t = uint32_t(unit.key);
+      const int64_t remove_equal = counts[u] - unit.below;
+      const SegmentCounts& seg = pass.counts[i];
+      const uint32_t* keys = keys_of(i);
+      const uint32_t* positions = pass.chunks[seg.chunk].positions.data() + seg.first;
+      bool* mask = new_masks[pass.segments[i].shard] + pass.segments[i].begin;
+      int64_t equal_seen = equal_before[i];
+      for (int64_t j = 0; j < seg.last - seg.first; ++j) {
+        const bool remove = keys[j] < t || (keys[j] == t && equal_seen < remove_equal);
+        equal_seen += keys[j] == t;
+        if (remove) mask[positions[j] - seg.offset] = false;
       }
     }
   });
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> prune_masks_by_sample_cpu(
-    at::TensorList weights, const c10::List<std::optional<at::Tensor>>& masks, int64_t key_bits,
-    const at::Tensor& count_tensor, int64_t sample_size) {
-  constexpr const char* op = "prune_masks_by_sample";
-  const ShardTable table = checked_table(weights, masks, kGlobal, key_bits, op);
-  const int64_t count = per_unit_values(count_tensor, 1, op, "count").item<int64_t>();
-  TORCH_CHECK_VALUE(sample_size >= 1, op, ": sample_size must be >= 1, got ", sample_size);
+    at::TensorList weights, const c10::List<std::optional<at::Tensor>>& masks, int64_t scope,
+    int64_t key_bits, const at::Tensor& count_tensor, int64_t sample_size) {
+  const auto [table, counts] = sample_op_inputs(weights, masks, scope, key_bits, count_tensor,
+                                                sample_size, "prune_masks_by_sample", "count");
   std::vector<at::Tensor> outs = new_contiguous_masks(weights);
   std::vector<bool*> out_data;
   for (at::Tensor& out : outs) out_data.push_back(out.data_ptr<bool>());
-  const SamplePass pass = run_sample_pass(table, key_bits, count, sample_size, &out_data);
-  if (pass.key >= 0) {
-    remove_candidates(pass, out_data, uint32_t(pass.key), count - pass.below);
-  }
+  const int64_t* count_data = counts.data_ptr<int64_t>();
+  const SamplePass pass =
+      run_sample_pass(table, scope, key_bits, count_data, sample_size, &out_data);
+  remove_candidates(pass, out_data, table, count_data);
   return {outs, status_of(pass)};
 }
 
