@@ -77,31 +77,26 @@ SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t len
   out.nonfinite += bad;
   if (!b.collect) return;
   // The candidates, from the segment again (now in cache): blocks without one
-  // are skipped after a vectorised test; the others are copied branch-free,
-  // since whether a key is a candidate is as unpredictable as a coin toss.
+  // are skipped; the others are copied branch-free, since whether a key is a
+  // candidate is as unpredictable as a coin toss.
+  auto inside = [&](int64_t i) SAP_INLINE_LAMBDA {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    return (Masked ? uint32_t(mask[i]) : 1u) & uint32_t(key - b.lo <= b.hi - b.lo);
+  };
   constexpr int64_t kBlock = 32;
-  for (int64_t block = 0; block < length; block += kBlock) {
-    const int64_t n = std::min(kBlock, length - block);
-    uint32_t inside = 0;
-    for (int64_t i = block; i < block + n; ++i) {
-      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-      const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
-      inside |= keep & uint32_t(key - b.lo <= b.hi - b.lo);
-    }
-    if (inside == 0) continue;
-    out.reserve_block(kBlock, Prune);
-    uint32_t* keys = out.candidates.data() + out.used;
-    uint32_t* positions = Prune ? out.positions.data() + out.used : nullptr;
-    int64_t taken = 0;
-    for (int64_t i = block; i < block + n; ++i) {
-      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-      const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
-      keys[taken] = key;
-      if constexpr (Prune) positions[taken] = write.position + uint32_t(i);
-      taken += keep & uint32_t(key - b.lo <= b.hi - b.lo);
-    }
-    out.used += taken;
-  }
+  for_blocks_with_a_match<kBlock>(
+      length, inside, [&](int64_t first, int64_t last) SAP_INLINE_LAMBDA {
+        out.reserve_block(kBlock, Prune);
+        uint32_t* keys = out.candidates.data() + out.used;
+        uint32_t* positions = Prune ? out.positions.data() + out.used : nullptr;
+        int64_t taken = 0;
+        for (int64_t i = first; i < last; ++i) {
+          keys[taken] = key_at<Type, KeyBits>(shard.data, begin + i);
+          if constexpr (Prune) positions[taken] = write.position + uint32_t(i);
+          taken += inside(i);
+        }
+        out.used += taken;
+      });
 }
 
 // AVX-512 (x86-64-v4): counts, new masks and candidates in a single loop. A

@@ -260,25 +260,20 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
     below += group;
   }
   while (below + bins[d] < k) below += bins[d++];
-  // The keys of that bin: blocks without one are skipped after a vectorised
-  // test; the others are copied branch-free (membership is a coin toss).
+  // The keys of that bin: blocks without one are skipped; the others are
+  // copied branch-free (membership is a coin toss).
   scratch.keys.resize(bins[d] + 1);
   uint32_t* keys = scratch.keys.data();
   int64_t n = 0;
   auto in_bin = [&](int64_t j) SAP_INLINE_LAMBDA {
     return keep(j) & uint32_t((key_at<Type, KeyBits>(shard.data, begin + j) >> kShift) == d);
   };
-  constexpr int64_t kBlock = 16;
-  for (int64_t block = 0; block < length; block += kBlock) {
-    const int64_t end = std::min(length, block + kBlock);
-    uint32_t any = 0;
-    for (int64_t j = block; j < end; ++j) any |= in_bin(j);
-    if (any == 0) continue;
-    for (int64_t j = block; j < end; ++j) {
+  for_blocks_with_a_match<16>(length, in_bin, [&](int64_t first, int64_t last) SAP_INLINE_LAMBDA {
+    for (int64_t j = first; j < last; ++j) {
       keys[n] = key_at<Type, KeyBits>(shard.data, begin + j);
       n += in_bin(j);
     }
-  }
+  });
   const int64_t r = k - below - 1;
   std::nth_element(keys, keys + r, keys + n);
   const uint32_t kth = keys[r];

@@ -62,6 +62,20 @@ SAP_INLINE void with_key_type(const Shard& shard, int64_t key_bits, F&& f) {
   return key_bits == 16 ? go(IntC<kFloat16>{}, IntC<16>{}) : go(IntC<kFloat16>{}, IntC<32>{});
 }
 
+// Calls on_block(first, last) for each block [first, last) of Block indices
+// in [0, length) where matches(i) (0 or 1) holds for some i. The test is a
+// vectorised loop; blocks without a match, most of them when matches are
+// rare, cost no branch per index.
+template <int64_t Block, class Matches, class OnBlock>
+SAP_INLINE void for_blocks_with_a_match(int64_t length, Matches&& matches, OnBlock&& on_block) {
+  for (int64_t first = 0; first < length; first += Block) {
+    const int64_t last = std::min(length, first + Block);
+    uint32_t any = 0;
+    for (int64_t i = first; i < last; ++i) any |= matches(i);
+    if (any != 0) on_block(first, last);
+  }
+}
+
 struct LocalBins {
   SAP_INLINE void add(uint32_t digit, uint32_t n) { bins[digit] += n; }
   SAP_INLINE void add_second_copy(uint32_t digit, uint32_t n) { bins[copy_stride + digit] += n; }
@@ -94,33 +108,24 @@ SAP_INLINE void histogram_range(const Shard& shard, int64_t begin, int64_t lengt
     if (i < length) bins.add(digit(i), keep(i));
     return;
   }
-  // Pass 1: few keys share the prefix, so blocks are first tested with a
-  // vectorised count and skipped when none does.
-  constexpr int64_t kBlock = 16;
-  for (int64_t block = 0; block < length; block += kBlock) {
-    const int64_t n = std::min(kBlock, length - block);
-    uint32_t matches = 0;
-    for (int64_t i = block; i < block + n; ++i) {
-      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-      matches += uint32_t((key >> 16) == prefix) & (Masked ? uint32_t(mask[i]) : 1u);
-    }
-    if (matches == 0) continue;
-    // Branch-free: a key outside the prefix adds 0 to the bin of its low bits
-    // (matches can be as unpredictable as a coin toss, e.g. exact zeros).
-    auto count = [&](int64_t i) SAP_INLINE_LAMBDA {
-      const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-      return uint32_t((key >> 16) == prefix) & (Masked ? uint32_t(mask[i]) : 1u);
-    };
-    auto low = [&](int64_t i) SAP_INLINE_LAMBDA {
-      return key_at<Type, KeyBits>(shard.data, begin + i) & 0xffffu;
-    };
-    int64_t i = block;
-    for (; i + 2 <= block + n; i += 2) {
+  // Pass 1: few keys share the prefix, so blocks without one are skipped.
+  auto count = [&](int64_t i) SAP_INLINE_LAMBDA {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    return uint32_t((key >> 16) == prefix) & (Masked ? uint32_t(mask[i]) : 1u);
+  };
+  auto low = [&](int64_t i) SAP_INLINE_LAMBDA {
+    return key_at<Type, KeyBits>(shard.data, begin + i) & 0xffffu;
+  };
+  // Branch-free within a block: a key outside the prefix adds 0 to the bin of
+  // its low bits (matches can be as unpredictable as a coin toss, e.g. zeros).
+  for_blocks_with_a_match<16>(length, count, [&](int64_t first, int64_t last) SAP_INLINE_LAMBDA {
+    int64_t i = first;
+    for (; i + 2 <= last; i += 2) {
       bins.add(low(i), count(i));
       bins.add_second_copy(low(i + 1), count(i + 1));
     }
-    if (i < block + n) bins.add(low(i), count(i));
-  }
+    if (i < last) bins.add(low(i), count(i));
+  });
 }
 
 }  // namespace sap_kernels::cpu
