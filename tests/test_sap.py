@@ -169,6 +169,10 @@ def test_masks_remove_exactly_the_counts(policy):
         assert record.iteration == t
         removed = _units_removed(before, pruner.masks, policy.scope)
         assert torch.equal(removed, record.pruned)
+        total = sum(m.numel() for m in before)
+        assert record.density_before == sum(int(m.sum()) for m in before) / total
+        assert record.density == sum(int(m.sum()) for m in pruner.masks) / total
+        assert record.density == pruner.density()
         assert bool((record.pruned <= record.retained).all())
         if isinstance(policy, OneShotPolicy):
             # pruned from the dense weights (snapshotted at iteration 0) to the density
@@ -323,6 +327,21 @@ def test_compiled_apply_masks_with_an_eager_optimizer(device):
             assert bool((param[~mask] == 0).all())
 
 
+def test_mask_gradients_zeroes_exactly_the_pruned_gradients():
+    model = _model()
+    pruner = Pruner(model, LotteryTicketPolicy(fraction=0.5), backend=BACKEND)
+    pruner.prune()
+    inputs, targets, _ = _sgd_setup(model, "cpu")
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    pruner.parameters[0].grad = None  # a parameter without a gradient is skipped
+    grads = [None if p.grad is None else p.grad.clone() for p in pruner.parameters]
+    pruner.mask_gradients_()
+    assert pruner.parameters[0].grad is None
+    for param, mask, grad in zip(pruner.parameters[1:], pruner.masks[1:], grads[1:]):
+        assert torch.equal(param.grad, torch.where(mask, grad, torch.zeros_like(grad)))
+        assert bool((grad[~mask] != 0).any())
+
+
 def test_rewind_restores_initial_values_exactly():
     model = _model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -415,4 +434,6 @@ def test_one_shot_masks_are_nested_and_density_can_be_given():
     _perturb_(model, seed=5)  # later weights do not matter: masks come from the dense snapshot
     record = pruner.prune(density=0.25)
     assert record.density == pytest.approx(0.25, abs=1e-3)
+    assert record.density == pruner.density()
     assert all(bool((new <= old).all()) for new, old in zip(pruner.masks, first))
+    assert pruner.prune(density=0.5).density == pruner.density()  # a denser target regrows
