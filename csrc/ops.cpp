@@ -52,6 +52,13 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def(
       "prune_masks_by_sample(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, "
       "Tensor count, int sample_size) -> (Tensor[], Tensor)");
+  // prune_masks_by_sample in place: updates masks (one contiguous bool tensor
+  // per weight, none sharing memory) and returns the status. Where any unit
+  // fails (a miss, count out of range, NaN or infinity), every mask is left
+  // as it was.
+  m.def(
+      "prune_masks_by_sample_(Tensor[] weights, Tensor(a!)[] masks, int scope, int key_bits, "
+      "Tensor count, int sample_size) -> Tensor");
   // New bool masks: retained weights with key < threshold_keys[unit] are
   // removed, and so are the first remove_equal[unit] retained weights with
   // key == threshold_keys[unit] in flat order. threshold_keys < 0 removes

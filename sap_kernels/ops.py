@@ -48,6 +48,10 @@ if has_extension():
         new_masks = [w.new_empty(w.shape, dtype=torch.bool) for w in weights]
         return new_masks, weights[0].new_empty((_fake_units(weights, scope), 4), dtype=torch.int64)
 
+    @torch.library.register_fake("sap_kernels::prune_masks_by_sample_")
+    def _prune_masks_by_sample_in_place_fake(weights, masks, scope, key_bits, count, sample_size):
+        return weights[0].new_empty((_fake_units(weights, scope), 4), dtype=torch.int64)
+
     @torch.library.register_fake("sap_kernels::prune_masks")
     def _prune_masks_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
         return [torch.empty_like(w, dtype=torch.bool) for w in weights]
@@ -188,6 +192,14 @@ def prune_masks_by_sample(backend: str, weights, masks, scope, key_bits, count, 
     if not has_sample_select(backend):
         raise NotImplementedError(f"prune_masks_by_sample has no {backend!r} kernel")
     return torch.ops.sap_kernels.prune_masks_by_sample(
+        weights, masks, scope, key_bits, count, sample_size
+    )
+
+
+def prune_masks_by_sample_(backend: str, weights, masks, scope, key_bits, count, sample_size):
+    if not has_sample_select(backend):
+        raise NotImplementedError(f"prune_masks_by_sample_ has no {backend!r} kernel")
+    return torch.ops.sap_kernels.prune_masks_by_sample_(
         weights, masks, scope, key_bits, count, sample_size
     )
 

@@ -340,10 +340,36 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
     the same masks. `masks=None` means all retained. `counts` is an int or one
     int per unit (see `magnitude_threshold`). Inputs are not modified.
     """
+    return _prune(tensors, masks, counts, scope, backend, group, in_place=False)
+
+
+def prune_(tensors, masks, counts, *, scope: str = "global", backend: str = "auto", group=None):
+    """In-place `prune`: updates every mask tensor and returns the list of masks.
+
+    On CPU, contiguous masks are updated where they are, in the one pass that
+    finds the thresholds (no new masks, no copy); on an error every mask is
+    left as it was.
+    """
+    if masks is None or any(m is None for m in masks):
+        raise ValueError("prune_: masks must hold one bool tensor per weight (got None)")
+    return _prune(tensors, masks, counts, scope, backend, group, in_place=True)
+
+
+def _copy_into(masks, new_masks):
+    with torch.no_grad():
+        for mask, new in zip(masks, new_masks):
+            mask.copy_(new)
+    return list(masks)
+
+
+def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
+    def result(new_masks):
+        return _copy_into(masks, new_masks) if in_place else new_masks
+
     if uses_distribution(group, tensors):
         from .distributed import prune as distributed_prune
 
-        return distributed_prune(tensors, masks, counts, scope, backend, group)
+        return result(distributed_prune(tensors, masks, counts, scope, backend, group))
     weights = collect_weights(tensors)
     mask_list = collect_masks(masks, weights)
     code = scope_code(scope)
@@ -358,28 +384,28 @@ def prune(tensors, masks, counts, *, scope: str = "global", backend: str = "auto
     )
     if sampled:
         # thresholds and masks in one pass; the radix select only after a miss
-        new_masks, status = ops.prune_masks_by_sample(
-            chosen, tensors, mask_list, code, key_bits, counts, _sample_size(counts.numel())
-        )
         labels = _unit_labels(weights, scope)
-        if _sample_result(status, counts, "counts", True, labels) is not None:
-            return new_masks
+        size = _sample_size(counts.numel())
+        if in_place and all(m.is_contiguous() for m in mask_list):
+            # a miss (or an error) leaves the masks as they were
+            status = ops.prune_masks_by_sample_(
+                chosen, tensors, mask_list, code, key_bits, counts, size
+            )
+            if _sample_result(status, counts, "counts", True, labels) is not None:
+                return list(masks)
+        else:
+            new_masks, status = ops.prune_masks_by_sample(
+                chosen, tensors, mask_list, code, key_bits, counts, size
+            )
+            if _sample_result(status, counts, "counts", True, labels) is not None:
+                return result(new_masks)
     keys, below, key_bits = _kth_keys(
         chosen, weights, mask_list, scope, counts, group, "counts", True, sample=not sampled
     )
     remove_equal = counts.to(keys.device) - below
-    return ops.prune_masks(chosen, weights.tensors, mask_list, code, key_bits, keys, remove_equal)
-
-
-def prune_(tensors, masks, counts, *, scope: str = "global", backend: str = "auto", group=None):
-    """In-place `prune`: updates every mask tensor and returns the list of masks."""
-    if masks is None or any(m is None for m in masks):
-        raise ValueError("prune_: masks must hold one bool tensor per weight (got None)")
-    new_masks = prune(tensors, masks, counts, scope=scope, backend=backend, group=group)
-    with torch.no_grad():
-        for mask, new in zip(masks, new_masks):
-            mask.copy_(new)
-    return list(masks)
+    return result(
+        ops.prune_masks(chosen, weights.tensors, mask_list, code, key_bits, keys, remove_equal)
+    )
 
 
 def apply_masks_(tensors, masks, *, backend: str = "auto"):

@@ -51,6 +51,28 @@ def make_inputs(dtype, kind, masked, generator):
     return weights, masks, retained
 
 
+def prune_in_place(weights, masks, scope, key_bits, ks, sample_size):
+    """(masks, status) of the in-place op, run on full copies of `masks`."""
+    work = [torch.ones_like(w, dtype=torch.bool) if m is None else m.clone()
+            for w, m in zip(weights, masks)]  # fmt: skip
+    status = torch.ops.sap_kernels.prune_masks_by_sample_(
+        weights, work, scope, key_bits, ks, sample_size
+    )
+    return work, status
+
+
+def check_in_place(weights, masks, scope, key_bits, ks, sample_size, status, expected):
+    """The in-place op gives the same status, and the expected masks unless a
+    unit missed, in which case the masks are as they were."""
+    got, in_place_status = prune_in_place(weights, masks, scope, key_bits, ks, sample_size)
+    assert torch.equal(in_place_status, status)
+    missed = bool((status[:, 0] == MISS).any())
+    for mask, want, weight, old in zip(got, expected, weights, masks):
+        if missed:
+            want = torch.ones_like(weight, dtype=torch.bool) if old is None else old
+        assert torch.equal(mask, want), (ks, sample_size, missed)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("masked", [False, True])
@@ -170,6 +192,7 @@ def test_prune_masks_by_sample_matches_stable_sort(
             args = (weights, masks, GLOBAL, key_bits, torch.tensor([count]), sample_size)
             new_masks, status = torch.ops.sap_kernels.prune_masks_by_sample(*args)
             assert status.tolist() == torch.ops.sap_kernels.kth_key_by_sample(*args).tolist()
+            check_in_place(*args, status, expected)
             if int(status[0, 0]) == MISS:
                 outcomes.add("miss")
                 continue
@@ -203,6 +226,7 @@ def test_layer_scope_matches_radix_and_stable_sort(dtype, kind, masked, generato
             new_masks, pruned_status = torch.ops.sap_kernels.prune_masks_by_sample(*args)
             assert torch.equal(status, pruned_status)
             assert torch.equal(status[:, 2], per_layer) or bool((status[:, 0] == MISS).any())
+            check_in_place(*args, status, expected)
             if bool((status[:, 0] == MISS).any()):
                 outcomes.add("miss")
                 continue
@@ -243,3 +267,86 @@ def test_prune_after_a_miss_does_not_sample_again(generator, monkeypatch):
     assert calls == []
     sap_kernels.magnitude_threshold(weights, retained // 2, masks, backend="cpu")
     assert calls == [1]  # the threshold does try the sample
+
+
+@pytest.mark.parametrize("scope", [GLOBAL, LAYER])
+@pytest.mark.parametrize("sample_size", [100, 1000])
+def test_in_place_prune_errors_leave_masks_as_they_were(scope, sample_size, generator):
+    """With a real bracket the pass clears keys below it before the selection;
+    a NaN, or a count above a unit's retained weights, must undo that."""
+    weights, masks, retained = make_inputs(torch.float32, "normal", True, generator)
+    masks = [
+        torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks)
+    ]
+    units = 1 if scope == GLOBAL else len(weights)
+    per_unit = (
+        torch.tensor([retained]) if scope == GLOBAL else torch.stack([m.sum() for m in masks])
+    )
+    counts = per_unit // 2
+    cases = {"nan": counts, "too many": counts.clone()}
+    cases["too many"][-1] = per_unit[-1] + 1
+    for case, ks in cases.items():
+        work = [m.clone() for m in masks]
+        tensors = [w.clone() for w in weights]
+        if case == "nan":
+            index = int(masks[-1].reshape(-1).nonzero()[-1, 0])
+            tensors[-1].view(-1)[index] = float("nan")
+        status = torch.ops.sap_kernels.prune_masks_by_sample_(
+            tensors, work, scope, 32, ks, sample_size
+        )
+        assert status.shape == (units, 4)
+        assert all(torch.equal(a, b) for a, b in zip(work, masks)), case
+        with pytest.raises(
+            ValueError, match="NaN or infinity" if case == "nan" else "out of range"
+        ):
+            sap_kernels.prune_(
+                tensors, work, ks, scope="global" if scope == GLOBAL else "layer", backend="cpu"
+            )
+        assert all(torch.equal(a, b) for a, b in zip(work, masks)), case
+
+
+def test_in_place_prune_overflow_restores_the_chunks_it_went_through(generator, monkeypatch):
+    """A sample of 4 brackets nothing: the candidates overflow the budget after a
+    chunk or two of 65,536 weights and the pass stops; the masks of the chunks
+    it went through are put back, and the API falls back to the radix select."""
+    shapes = [(300, 700), (90_001,), (5, 3), (70_000,)]
+    weights = [random_weights(s, torch.float32, "ties", generator) for s in shapes]
+    masks = [random_mask(s, 0.3, generator) for s in shapes]
+    retained = sum(int(m.sum()) for m in masks)
+    work = [m.clone() for m in masks]
+    status = torch.ops.sap_kernels.prune_masks_by_sample_(
+        weights, work, GLOBAL, 32, torch.tensor([retained // 3]), 4
+    )
+    assert int(status[0, 0]) == MISS
+    assert all(torch.equal(a, b) for a, b in zip(work, masks))
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 4)
+    sap_kernels.prune_(weights, work, retained // 3, backend="cpu")
+    expected = reference.prune_by_stable_sort(
+        weights, masks, torch.tensor([retained // 3]), "global"
+    )
+    assert all(torch.equal(a, b) for a, b in zip(work, expected))
+
+
+def test_in_place_prune_mask_checks(generator):
+    weights = [random_weights(s, torch.float32, "normal", generator) for s in [(40, 30), (50,)]]
+    masks = [random_mask((40, 30), 0.3, generator), random_mask((50,), 0.3, generator)]
+    expected = reference.prune_by_stable_sort(weights, masks, torch.tensor([300]), "global")
+    op = torch.ops.sap_kernels.prune_masks_by_sample_
+    transposed = masks[0].t().contiguous().t()  # same values, not contiguous
+    with pytest.raises(ValueError, match=r"masks\[0\] must be contiguous"):
+        op(weights, [transposed, masks[1].clone()], GLOBAL, 32, torch.tensor([300]), 100)
+    storage = torch.ones(1250, dtype=torch.bool)
+    shared = [storage[:1200].view(40, 30), storage[1190:1240]]
+    with pytest.raises(ValueError, match=r"masks\[0\] and masks\[1\] share memory"):
+        op(weights, shared, GLOBAL, 32, torch.tensor([300]), 100)
+    assert bool(storage.all())
+    with pytest.raises(ValueError, match="got 1 masks for 2 weights"):
+        op(weights, [masks[0].clone()], GLOBAL, 32, torch.tensor([300]), 100)
+    # the API updates non-contiguous masks too (through new masks and a copy)
+    work = [transposed, masks[1].clone()]
+    assert sap_kernels.prune_(weights, work, 300, backend="cpu")[0] is transposed
+    assert all(torch.equal(a, b) for a, b in zip(work, expected))
+    torch.library.opcheck(op.default, (weights, [m.clone() for m in masks], GLOBAL, 32,
+                                       torch.tensor([300]), 100))  # fmt: skip
+    torch.library.opcheck(op.default, (weights, [m.clone() for m in masks], LAYER, 32,
+                                       torch.tensor([100, 3]), 4))  # fmt: skip

@@ -51,18 +51,34 @@ struct ChunkCounts {
 };
 
 // Where a pruning pass writes: the segment's new mask (m_i and k_i >= lo, the
-// candidates fixed up later) and the chunk index of its first element.
+// candidates fixed up later), the chunk index of its first element and, in
+// place (mask is the input mask), the old mask's bits (one bit per element,
+// 16 per word) to restore it when the selection fails.
 struct MaskOutput {
   bool* mask = nullptr;  // nullptr: counting only
   uint32_t position = 0;
+  uint16_t* old_bits = nullptr;
 };
+
+// Bit j % 16 of bits[j / 16] = mask[j].
+SAP_INLINE void pack_mask_bits(const bool* mask, int64_t length, uint16_t* bits) {
+  for (int64_t first = 0; first < length; first += 16) {
+    const int64_t n = std::min<int64_t>(16, length - first);
+    uint32_t word = 0;
+    for (int64_t j = 0; j < n; ++j) word |= uint32_t(mask[first + j]) << j;
+    bits[first / 16] = uint16_t(word);
+  }
+}
 
 template <int Type, int KeyBits, bool Masked, bool Prune>
 SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t length, Bracket b,
                                   ChunkCounts& out, MaskOutput write) {
   const bool* mask = Masked ? shard.mask + begin : nullptr;
   constexpr uint32_t nonfinite = nonfinite_key<Type, KeyBits>();
-  // The counts (and new masks): one vectorised loop over the segment.
+  if (Prune && Masked && write.old_bits != nullptr) pack_mask_bits(mask, length, write.old_bits);
+  // The counts (and new masks, possibly over the old ones: m_i is read before
+  // it is written, and the candidates below have m_i = m_i and k_i >= lo):
+  // one vectorised loop over the segment.
   int64_t below = 0, kept = 0, bad = 0;
   for (int64_t i = 0; i < length; ++i) {
     const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
@@ -151,6 +167,7 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Sh
       if constexpr (Masked) {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
         keep = _mm_test_epi8_mask(bytes, bytes);
+        if (Prune && write.old_bits != nullptr) write.old_bits[i / 16] = keep;
       }
       const __mmask16 low = _mm512_mask_cmplt_epu32_mask(keep, key, lo);
       below += _mm_popcnt_u32(low);
@@ -177,7 +194,8 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Sh
   out.retained += kept;
   out.nonfinite += bad;
   if (i < length) {
-    MaskOutput tail{Prune ? write.mask + i : nullptr, write.position + uint32_t(i)};
+    MaskOutput tail{Prune ? write.mask + i : nullptr, write.position + uint32_t(i),
+                    Prune && write.old_bits != nullptr ? write.old_bits + i / 16 : nullptr};
     count_and_collect<Type, KeyBits, Masked, Prune>(shard, begin + i, length - i, b, out, tail);
   }
 }

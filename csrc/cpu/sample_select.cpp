@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "../shards.h"
@@ -184,7 +185,14 @@ struct UnitResult {
   int64_t key = kKeyUnknown, below = 0, retained = 0, nonfinite = 0;
 };
 
-// The sample, the pass and the selection among candidates, shared by both ops.
+// What a pruning pass writes: m_i and k_i >= lo into masks (one per shard);
+// in_place when those are the input masks, whose bits the pass then keeps.
+struct PassMasks {
+  std::vector<bool*> masks;
+  bool in_place = false;
+};
+
+// The sample, the pass and the selection among candidates, shared by the ops.
 struct SamplePass {
   std::vector<Bracket> brackets;  // per unit
   std::vector<Segment> segments;
@@ -193,13 +201,17 @@ struct SamplePass {
   std::vector<ChunkCounts> chunks;
   std::vector<SegmentCounts> counts;  // per segment
   std::vector<UnitResult> units;
+  // In place: the old masks' bits, segment i's from word old_bits_offsets[i],
+  // and which chunks the pass went through (it stops early on an overflow).
+  std::unique_ptr<uint16_t[]> old_bits;
+  std::vector<int64_t> old_bits_offsets;
+  std::vector<uint8_t> chunk_done;
 };
 
 // Brackets each unit's k-th key, runs the pass (writing m_i and k_i >= lo into
-// new_masks when given) and selects the keys among the candidates.
+// the masks of `out` when given) and selects the keys among the candidates.
 SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_bits,
-                           const int64_t* ks, int64_t sample_size,
-                           const std::vector<bool*>* new_masks) {
+                           const int64_t* ks, int64_t sample_size, const PassMasks* out) {
   SamplePass pass;
   const int64_t n = table.total_numel, num_units = table.num_units;
   std::vector<int64_t> unit_numel(num_units, 0);
@@ -225,6 +237,15 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_b
   const int64_t num_chunks = int64_t(pass.chunk_starts.size()) - 1;
   pass.chunks.resize(num_chunks);
   pass.counts.resize(pass.segments.size());
+  pass.chunk_done.assign(num_chunks, 0);
+  if (out != nullptr && out->in_place) {
+    pass.old_bits_offsets.assign(pass.segments.size() + 1, 0);
+    for (size_t i = 0; i < pass.segments.size(); ++i) {
+      pass.old_bits_offsets[i + 1] = pass.old_bits_offsets[i] + (pass.segments[i].length + 15) / 16;
+    }
+    // uninitialised: the pass writes every word (its pages are first touched there)
+    pass.old_bits.reset(new uint16_t[size_t(pass.old_bits_offsets.back())]);
+  }
   const bool avx512 = has_avx512() && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
   std::atomic<int64_t> collected{0};
   std::atomic<bool> overflow{false};
@@ -237,7 +258,11 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_b
         const Shard& shard = table.shards[seg.shard];
         const Bracket bracket = pass.brackets[shard.first_unit];
         MaskOutput write;
-        if (new_masks != nullptr) write = {(*new_masks)[seg.shard] + seg.begin, position};
+        if (out != nullptr) {
+          uint16_t* old_bits =
+              pass.old_bits ? pass.old_bits.get() + pass.old_bits_offsets[i] : nullptr;
+          write = {out->masks[seg.shard] + seg.begin, position, old_bits};
+        }
         const SegmentCounts before{chunk.below, chunk.retained, chunk.nonfinite, c, chunk.used};
         if (avx512) {
           count_and_collect_range_avx512(shard, key_bits, seg.begin, seg.length, bracket, chunk,
@@ -255,6 +280,7 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_b
         position += uint32_t(seg.length);
       }
       chunk.trim();
+      pass.chunk_done[c] = 1;
       const int64_t size = chunk.used;
       if (collected.fetch_add(size, std::memory_order_relaxed) + size > budget) {
         overflow.store(true, std::memory_order_relaxed);
@@ -403,10 +429,79 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> prune_masks_by_sample_cpu(
   std::vector<bool*> out_data;
   for (at::Tensor& out : outs) out_data.push_back(out.data_ptr<bool>());
   const int64_t* count_data = counts.data_ptr<int64_t>();
-  const SamplePass pass =
-      run_sample_pass(table, scope, key_bits, count_data, sample_size, &out_data);
+  const PassMasks out{out_data, false};
+  const SamplePass pass = run_sample_pass(table, scope, key_bits, count_data, sample_size, &out);
   remove_candidates(pass, out_data, table, count_data);
   return {outs, status_of(pass)};
+}
+
+// Whether every unit has what the caller asked for: a key for count > 0, a
+// count within [0, retained] and only finite retained weights.
+bool every_unit_found(const SamplePass& pass, const int64_t* counts) {
+  for (size_t u = 0; u < pass.units.size(); ++u) {
+    const UnitResult& unit = pass.units[u];
+    if (unit.key == kSampleMissed || unit.nonfinite > 0 || counts[u] < 0 ||
+        counts[u] > unit.retained || (counts[u] > 0 && unit.key < 0)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Puts back the old masks' bits wherever the pass went.
+void restore_old_masks(const SamplePass& pass, const std::vector<bool*>& masks) {
+  const int64_t num_chunks = int64_t(pass.chunk_done.size());
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      if (!pass.chunk_done[c]) continue;
+      for (int64_t i = pass.chunk_starts[c]; i < pass.chunk_starts[c + 1]; ++i) {
+        const Segment& seg = pass.segments[i];
+        bool* mask = masks[seg.shard] + seg.begin;
+        const uint16_t* bits = pass.old_bits.get() + pass.old_bits_offsets[i];
+        for (int64_t j = 0; j < seg.length; ++j) mask[j] = (bits[j >> 4] >> (j & 15)) & 1;
+      }
+    }
+  });
+}
+
+// The masks must be contiguous (they are written where they are) and must not
+// share memory (a weight would be pruned twice).
+void check_masks_in_place(at::TensorList masks, const char* op) {
+  std::vector<std::pair<const char*, size_t>> starts;
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK_VALUE(masks[i].is_contiguous(), op, ": masks[", i,
+                      "] must be contiguous (it is updated in place)");
+    if (masks[i].numel() > 0) starts.emplace_back(static_cast<const char*>(masks[i].data_ptr()), i);
+  }
+  std::sort(starts.begin(), starts.end());
+  for (size_t j = 1; j < starts.size(); ++j) {
+    const auto [previous, i] = starts[j - 1];
+    TORCH_CHECK_VALUE(previous + masks[i].numel() <= starts[j].first, op, ": masks[", i,
+                      "] and masks[", starts[j].second, "] share memory");
+  }
+}
+
+at::Tensor prune_masks_by_sample_in_place_cpu(at::TensorList weights, at::TensorList masks,
+                                              int64_t scope, int64_t key_bits,
+                                              const at::Tensor& count_tensor, int64_t sample_size) {
+  constexpr const char* op = "prune_masks_by_sample_";
+  c10::List<std::optional<at::Tensor>> optional_masks;
+  for (const at::Tensor& mask : masks) optional_masks.push_back(mask);
+  TORCH_CHECK_VALUE(masks.size() == weights.size(), op, ": got ", masks.size(), " masks for ",
+                    weights.size(), " weights");
+  const auto [table, counts] = sample_op_inputs(weights, optional_masks, scope, key_bits,
+                                                count_tensor, sample_size, op, "count");
+  check_masks_in_place(masks, op);
+  PassMasks out{{}, true};
+  for (const Shard& shard : table.shards) out.masks.push_back(const_cast<bool*>(shard.mask));
+  const int64_t* count_data = counts.data_ptr<int64_t>();
+  const SamplePass pass = run_sample_pass(table, scope, key_bits, count_data, sample_size, &out);
+  if (every_unit_found(pass, count_data)) {
+    remove_candidates(pass, out.masks, table, count_data);
+  } else {
+    restore_old_masks(pass, out.masks);
+  }
+  return status_of(pass);
 }
 
 }  // namespace
@@ -414,6 +509,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> prune_masks_by_sample_cpu(
 TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) {
   m.impl("kth_key_by_sample", &kth_key_by_sample_cpu);
   m.impl("prune_masks_by_sample", &prune_masks_by_sample_cpu);
+  m.impl("prune_masks_by_sample_", &prune_masks_by_sample_in_place_cpu);
 }
 
 }  // namespace sap_kernels::cpu
