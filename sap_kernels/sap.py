@@ -44,6 +44,7 @@ from ._inputs import check_exponents, is_dtensor, parameters_to_prune, scope_cod
 from .api import pq_sums
 from .selection import apply_masks_ as apply_masks
 from .selection import prune as prune_masks
+from .selection import prune_ as prune_masks_
 from .sparsity import pqi_from_sums, sap_prune_counts
 
 
@@ -268,7 +269,6 @@ class Pruner:
         retained = retained.round().long()
         total_weights = self.total_weights()
         density_before = int(retained.sum()) / total_weights
-        base_masks = self.masks
         weights = self.parameters
         if isinstance(policy, SAPPolicy):
             bound, counts = sap_counts(
@@ -288,27 +288,26 @@ class Pruner:
             _check_fraction("density", density, 0.0, 1.0, False)
             if self.dense_weights is None:
                 self.dense_weights = [w.detach().clone() for w in self.parameters]
-            weights = self.dense_weights
-            base_masks = None  # always from the dense model
+            weights = self.dense_weights  # pruned from the dense model every time
             unit_sizes = self._unit_sizes(scope)
             counts = torch.round(unit_sizes.double() * (1.0 - density)).long()
         else:
             raise TypeError(f"unknown policy {type(policy).__name__}")
         if isinstance(policy, OneShotPolicy):
             # counts are relative to the dense masks; record what is removed now
-            new_masks = self._select(weights, base_masks, counts, scope)
+            for mask, new in zip(self.masks, self._masks_from_dense(weights, counts, scope)):
+                mask.copy_(new)
             removed = counts - (unit_sizes - retained)
             pruned = removed.clamp(min=0)
             retained_after = unit_sizes - counts
         else:
             counts = torch.minimum(counts.clamp(min=0), retained)
-            new_masks = self._select(weights, base_masks, counts, scope)
+            if int(counts.sum()) > 0:  # in place: on CPU no new masks and no copy
+                prune_masks_(weights, self.masks, counts, scope=scope, backend=self.backend)
             pruned = counts
             retained_after = retained - counts
         if not isinstance(policy, SAPPolicy):
             bound = retained - pruned
-        for mask, new in zip(self.masks, new_masks):
-            mask.copy_(new)
         self.apply_masks_()
         record = PruningRecord(
             iteration=self.iteration,
@@ -326,12 +325,10 @@ class Pruner:
         self.history.append(record)
         return record
 
-    def _select(self, weights, masks, counts, scope: str) -> list[torch.Tensor]:
+    def _masks_from_dense(self, weights, counts, scope: str) -> list[torch.Tensor]:
         if int(counts.sum()) == 0:
-            if masks is None:
-                return [torch.ones_like(w, dtype=torch.bool) for w in weights]
-            return [m.clone() for m in masks]
-        return prune_masks(weights, masks, counts, scope=scope, backend=self.backend)
+            return [torch.ones_like(w, dtype=torch.bool) for w in weights]
+        return prune_masks(weights, None, counts, scope=scope, backend=self.backend)
 
     def _unit_sizes(self, scope: str) -> torch.Tensor:
         """Number of prunable weights per unit (int64, 1-d)."""
