@@ -9,6 +9,12 @@
 
 namespace sap_kernels::cpu {
 
+// A mask's bytes (0 or 1) as uint8_t: GCC 12 does not vectorise loops that
+// read bool next to 32-bit compares (its bool pattern fails on the compare).
+SAP_INLINE const uint8_t* mask_bytes(const bool* mask) {
+  return reinterpret_cast<const uint8_t*>(mask);
+}
+
 template <class To, class From>
 SAP_INLINE To bits_as(From from) {
   static_assert(sizeof(To) == sizeof(From));

@@ -61,7 +61,7 @@ struct MaskOutput {
 };
 
 // Bit j % 16 of bits[j / 16] = mask[j].
-SAP_INLINE void pack_mask_bits(const bool* mask, int64_t length, uint16_t* bits) {
+SAP_INLINE void pack_mask_bits(const uint8_t* mask, int64_t length, uint16_t* bits) {
   for (int64_t first = 0; first < length; first += 16) {
     const int64_t n = std::min<int64_t>(16, length - first);
     uint32_t word = 0;
@@ -73,7 +73,7 @@ SAP_INLINE void pack_mask_bits(const bool* mask, int64_t length, uint16_t* bits)
 template <int Type, int KeyBits, bool Masked, bool Prune>
 SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t length, Bracket b,
                                   ChunkCounts& out, MaskOutput write) {
-  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
   constexpr uint32_t nonfinite = nonfinite_key<Type, KeyBits>();
   if (Prune && Masked && write.old_bits != nullptr) pack_mask_bits(mask, length, write.old_bits);
   // The counts (and new masks, possibly over the old ones: m_i is read before
@@ -144,7 +144,7 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Sh
                                                                         int64_t length, Bracket b,
                                                                         ChunkCounts& out,
                                                                         MaskOutput write) {
-  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
   const __m512i lo = _mm512_set1_epi32(int(b.lo));
   const __m512i width = _mm512_set1_epi32(int(b.hi - b.lo));
   const __m512i nonfinite = _mm512_set1_epi32(int(nonfinite_key<Type, KeyBits>()));

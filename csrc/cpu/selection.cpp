@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -188,7 +189,7 @@ SAP_INLINE RowResult row_kth_by_partition(const Shard& shard, int64_t begin, int
   RowResult result;
   std::vector<uint32_t>& buffer = scratch.keys;
   buffer.resize(length);
-  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
   int64_t n = 0;
   uint32_t max_key = 0;
   for (int64_t i = 0; i < length; ++i) {
@@ -229,7 +230,7 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
   // popular bins (see kHalfBins).
   scratch.bins.assign(2 * kRowBins, 0);
   uint32_t* bins = scratch.bins.data();
-  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
   auto digit = [&](int64_t i) SAP_INLINE_LAMBDA {
     return key_at<Type, KeyBits>(shard.data, begin + i) >> kShift;
   };
@@ -289,7 +290,7 @@ SAP_INLINE RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int
   RowResult result;
   std::vector<uint32_t>& bins = scratch.bins;
   bins.assign(kBins, 0);
-  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
   uint32_t max_key = 0;
   for (int64_t i = 0; i < length; ++i) {
     const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
@@ -388,16 +389,34 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
 // --- prune_masks -------------------------------------------------------------
 
 // out_i = m_i and k_i >= threshold over a range; returns #{i : m_i, k_i = threshold}.
+// Blocks go through a local buffer: a store through bool* may alias the
+// weights as far as the compiler knows, which kept the loop scalar.
+template <int Type, int KeyBits, bool Masked, int64_t Block>
+SAP_INLINE uint32_t write_kept_block(const Shard& shard, int64_t begin, uint32_t threshold,
+                                     bool* out) {
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
+  uint8_t kept[Block];
+  uint32_t equal = 0;
+  for (int64_t i = 0; i < Block; ++i) {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    const uint32_t keep = Masked ? uint32_t(mask[i]) : 1u;
+    kept[i] = uint8_t(keep & uint32_t(key >= threshold));
+    equal += keep & uint32_t(key == threshold);
+  }
+  std::memcpy(out, kept, size_t(Block));
+  return equal;
+}
+
 template <int Type, int KeyBits, bool Masked>
 SAP_INLINE int64_t write_kept(const Shard& shard, int64_t begin, int64_t length, uint32_t threshold,
                               bool* out) {
-  const bool* mask = Masked ? shard.mask + begin : nullptr;
-  int64_t equal = 0;
-  for (int64_t i = 0; i < length; ++i) {
-    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
-    const bool keep = Masked ? mask[i] : true;
-    out[i] = keep & (key >= threshold);
-    equal += keep & (key == threshold);
+  constexpr int64_t kBlock = 256;
+  int64_t equal = 0, i = 0;
+  for (; i + kBlock <= length; i += kBlock) {
+    equal += write_kept_block<Type, KeyBits, Masked, kBlock>(shard, begin + i, threshold, out + i);
+  }
+  for (; i < length; ++i) {  // the tail
+    equal += write_kept_block<Type, KeyBits, Masked, 1>(shard, begin + i, threshold, out + i);
   }
   return equal;
 }
@@ -414,17 +433,28 @@ write_kept_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t le
   return equal;
 }
 
-// Clears out_i for the first `count` retained keys equal to threshold.
-void remove_first_equal(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
-                        uint32_t threshold, int64_t count, bool* out) {
+// Clears out_i for the first `count` retained keys equal to threshold. Ties
+// are usually few and far apart: a vectorised test skips blocks without one.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void
+remove_first_equal(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+                   uint32_t threshold, int64_t count, bool* out) {
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
-    const bool* mask = decltype(masked)::value ? shard.mask + begin : nullptr;
-    for (int64_t i = 0; i < length && count > 0; ++i) {
-      const bool keep = decltype(masked)::value ? mask[i] : true;
-      if (keep && key_at<T, B>(shard.data, begin + i) == threshold) {
-        out[i] = false;
-        --count;
+    const uint8_t* mask = decltype(masked)::value ? mask_bytes(shard.mask + begin) : nullptr;
+    auto tie = [&](int64_t i) SAP_INLINE_LAMBDA {
+      const uint32_t keep = decltype(masked)::value ? uint32_t(mask[i]) : 1u;
+      return keep & uint32_t(key_at<T, B>(shard.data, begin + i) == threshold);
+    };
+    constexpr int64_t kBlock = 64;
+    for (int64_t first = 0; first < length && count > 0; first += kBlock) {
+      const int64_t last = std::min(length, first + kBlock);
+      uint32_t any = 0;
+      for (int64_t i = first; i < last; ++i) any |= tie(i);
+      for (int64_t i = first; any != 0 && i < last && count > 0; ++i) {
+        if (tie(i)) {
+          out[i] = false;
+          --count;
+        }
       }
     }
   });
@@ -501,9 +531,13 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
               prune_range(shard, key_bits, begin, length, threshold_data[row], out + begin);
           const int64_t remove = threshold_data[row] >= 0 ? remove_data[row] : 0;
           if (remove > ties && short_row[c] < 0) short_row[c] = row;
-          if (remove > 0) {
-            remove_first_equal(shard, key_bits, begin, length, uint32_t(threshold_data[row]),
-                               std::min(remove, ties), out + begin);
+          const uint32_t threshold = uint32_t(threshold_data[row]);
+          if (remove >= ties && ties > 0 && threshold < 0xffffffffu) {
+            // every tie goes (the common case): the row again, now in cache
+            write_kept_range(shard, key_bits, begin, length, threshold + 1, out + begin);
+          } else if (remove > 0) {
+            remove_first_equal(shard, key_bits, begin, length, threshold, std::min(remove, ties),
+                               out + begin);
           }
         }
       }

@@ -93,7 +93,7 @@ struct AtomicBins {
 template <int Type, int KeyBits, bool Masked, int Pass, class Bins>
 SAP_INLINE void histogram_range(const Shard& shard, int64_t begin, int64_t length, uint32_t prefix,
                                 Bins bins) {
-  const bool* mask = Masked ? shard.mask + begin : nullptr;
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
   if constexpr (Pass == 0) {
     auto digit = [&](int64_t i) SAP_INLINE_LAMBDA {
       const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
