@@ -262,12 +262,14 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
   }
   while (below + bins[d] < k) below += bins[d++];
   // The keys of that bin: blocks without one are skipped; the others are
-  // copied branch-free (membership is a coin toss).
-  scratch.keys.resize(bins[d] + 1);
+  // copied branch-free (membership is a coin toss). The bin is a constant
+  // copy: the key stores could alias d itself, which kept the test scalar.
+  const uint32_t bin = d;
+  scratch.keys.resize(bins[bin] + 1);
   uint32_t* keys = scratch.keys.data();
   int64_t n = 0;
-  auto in_bin = [&](int64_t j) SAP_INLINE_LAMBDA {
-    return keep(j) & uint32_t((key_at<Type, KeyBits>(shard.data, begin + j) >> kShift) == d);
+  auto in_bin = [&, bin](int64_t j) SAP_INLINE_LAMBDA {
+    return keep(j) & uint32_t((key_at<Type, KeyBits>(shard.data, begin + j) >> kShift) == bin);
   };
   for_blocks_with_a_match<16>(length, in_bin, [&](int64_t first, int64_t last) SAP_INLINE_LAMBDA {
     for (int64_t j = first; j < last; ++j) {

@@ -63,17 +63,20 @@ SAP_INLINE void with_key_type(const Shard& shard, int64_t key_bits, F&& f) {
 }
 
 // Calls on_block(first, last) for each block [first, last) of Block indices
-// in [0, length) where matches(i) (0 or 1) holds for some i. The test is a
-// vectorised loop; blocks without a match, most of them when matches are
-// rare, cost no branch per index.
+// in [0, length) where matches(i) (0 or 1) holds for some i, and for the
+// shorter last block in any case (on_block must allow blocks without a
+// match). The test is a vectorised loop (a constant trip count: GCC left the
+// variable one scalar); blocks without a match, most of them when matches
+// are rare, cost no branch per index.
 template <int64_t Block, class Matches, class OnBlock>
 SAP_INLINE void for_blocks_with_a_match(int64_t length, Matches&& matches, OnBlock&& on_block) {
-  for (int64_t first = 0; first < length; first += Block) {
-    const int64_t last = std::min(length, first + Block);
+  int64_t first = 0;
+  for (; first + Block <= length; first += Block) {
     uint32_t any = 0;
-    for (int64_t i = first; i < last; ++i) any |= matches(i);
-    if (any != 0) on_block(first, last);
+    for (int64_t i = 0; i < Block; ++i) any |= matches(first + i);
+    if (any != 0) on_block(first, first + Block);
   }
+  if (first < length) on_block(first, length);
 }
 
 struct LocalBins {
