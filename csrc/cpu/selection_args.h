@@ -1,4 +1,4 @@
-// Argument handling shared by the CPU selection kernels (selection.cpp,
+// Argument handling shared by the CPU selection kernels (selection.cpp, prune_masks.cpp,
 // sample_select.cpp).
 #pragma once
 #include <ATen/ATen.h>
