@@ -66,6 +66,11 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def(
       "prune_masks(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, "
       "Tensor threshold_keys, Tensor remove_equal) -> Tensor[]");
+  // prune_masks written over masks (one contiguous bool tensor per weight,
+  // none sharing memory); on an error every mask is left as it was.
+  m.def(
+      "prune_masks_(Tensor[] weights, Tensor(a!)[] masks, int scope, int key_bits, "
+      "Tensor threshold_keys, Tensor remove_equal) -> ()");
   // weights[i] *= masks[i] for every shard, in one pass.
   m.def("apply_masks_(Tensor(a!)[] weights, Tensor[] masks) -> ()");
 }

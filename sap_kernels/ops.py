@@ -56,6 +56,10 @@ if has_extension():
     def _prune_masks_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
         return [torch.empty_like(w, dtype=torch.bool) for w in weights]
 
+    @torch.library.register_fake("sap_kernels::prune_masks_")
+    def _prune_masks_in_place_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
+        return None
+
     @torch.library.register_fake("sap_kernels::apply_masks_")
     def _apply_masks_fake(weights, masks):
         return None
@@ -201,6 +205,20 @@ def prune_masks_by_sample_(backend: str, weights, masks, scope, key_bits, count,
         raise NotImplementedError(f"prune_masks_by_sample_ has no {backend!r} kernel")
     return torch.ops.sap_kernels.prune_masks_by_sample_(
         weights, masks, scope, key_bits, count, sample_size
+    )
+
+
+def has_in_place_prune(backend: str) -> bool:
+    """Whether `backend` writes pruned masks over the old ones (prune_masks_ and
+    prune_masks_by_sample_); others build new masks that prune_ copies back."""
+    return backend == "cpu"
+
+
+def prune_masks_(backend: str, weights, masks, scope, key_bits, threshold_keys, remove_equal):
+    if not has_in_place_prune(backend):
+        raise NotImplementedError(f"prune_masks_ has no {backend!r} kernel")
+    torch.ops.sap_kernels.prune_masks_(
+        weights, masks, scope, key_bits, threshold_keys, remove_equal
     )
 
 

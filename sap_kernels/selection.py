@@ -377,6 +377,13 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
     counts = _per_unit(counts, num_units(weights, scope), "counts", weights, scope)
     tensors = weights.tensors
     key_bits = key_bits_for(tensors)
+    # masks written where they are: no new masks (no page faults) and no copy
+    write_over = (
+        in_place
+        and ops.has_in_place_prune(chosen)
+        and all(m.is_contiguous() for m in mask_list)
+        and not _compiling()
+    )
     sampled = (
         _uses_sample_select(chosen, scope, group, key_bits)
         and bool((counts > 0).any())
@@ -386,7 +393,7 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
         # thresholds and masks in one pass; the radix select only after a miss
         labels = _unit_labels(weights, scope)
         size = _sample_size(counts.numel())
-        if in_place and all(m.is_contiguous() for m in mask_list):
+        if write_over:
             # a miss (or an error) leaves the masks as they were
             status = ops.prune_masks_by_sample_(
                 chosen, tensors, mask_list, code, key_bits, counts, size
@@ -403,9 +410,10 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
         chosen, weights, mask_list, scope, counts, group, "counts", True, sample=not sampled
     )
     remove_equal = counts.to(keys.device) - below
-    return result(
-        ops.prune_masks(chosen, weights.tensors, mask_list, code, key_bits, keys, remove_equal)
-    )
+    if write_over:  # an error leaves the masks as they were
+        ops.prune_masks_(chosen, tensors, mask_list, code, key_bits, keys, remove_equal)
+        return list(masks)
+    return result(ops.prune_masks(chosen, tensors, mask_list, code, key_bits, keys, remove_equal))
 
 
 def apply_masks_(tensors, masks, *, backend: str = "auto"):

@@ -47,6 +47,10 @@ def check_prune(weights, masks, counts, scope, backend):
     # Inputs are untouched.
     assert all(torch.equal(m, b) for m, b in zip(full_masks(weights, masks), before))
     assert all(torch.equal(w, b) for w, b in zip(weights, weights_before))
+    # prune_ gives the same masks in place (on CPU written over the old ones).
+    work = [m.clone() for m in before]
+    assert sap_kernels.prune_(weights, work, counts, scope=scope, backend=backend) == work
+    assert all(torch.equal(m, e) for m, e in zip(work, expected))
     return new
 
 
@@ -255,12 +259,24 @@ def test_prune_masks_op_matches_reference(scope, dtype, generator):
     got = ops.prune_masks(weights, masks, scope, key_bits, thresholds, remove)
     expected = reference.prune_masks(weights, masks, scope, key_bits, thresholds, remove)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    # in place: the same masks, written over full copies of the old ones
+    full = [
+        torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks)
+    ]
+    work = [m.clone() for m in full]
+    ops.prune_masks_(weights, work, scope, key_bits, thresholds, remove)
+    assert all(torch.equal(g, e) for g, e in zip(work, expected))
     bad = remove.clone()
     unit = int(tie_counts.argmax())
     if thresholds[unit] >= 0:
         bad[unit] = tie_counts[unit] + 1
         with pytest.raises(ValueError, match=rf"remove_equal\[{unit}\] = \d+ exceeds"):
             ops.prune_masks(weights, masks, scope, key_bits, thresholds, bad)
+        # found after the masks were written: they are put back
+        work = [m.clone() for m in full]
+        with pytest.raises(ValueError, match=rf"remove_equal\[{unit}\] = \d+ exceeds"):
+            ops.prune_masks_(weights, work, scope, key_bits, thresholds, bad)
+        assert all(torch.equal(w, m) for w, m in zip(work, full))
     with pytest.raises(ValueError, match=r"remove_equal\[0\] = -1 is negative"):
         ops.prune_masks(weights, masks, scope, key_bits, thresholds, torch.full_like(remove, -1))
 
@@ -295,6 +311,11 @@ def test_opcheck_prune_ops(generator):
         )
     masks = [random_mask(tuple(w.shape), 0.5, generator) for w in weights]
     torch.library.opcheck(ops.apply_masks_, ([w.clone() for w in weights], masks))
+    for scope, units in ((0, 1), (2, 12)):
+        thresholds = torch.full((units,), int(keys.median()), dtype=torch.int64)
+        remove = torch.zeros(units, dtype=torch.int64)
+        args = (weights, [m.clone() for m in masks], scope, 16, thresholds, remove)
+        torch.library.opcheck(ops.prune_masks_, args)
 
 
 @needs_extension

@@ -15,10 +15,12 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../shards.h"
 #include "magnitudes.h"
+#include "mask_backup.h"
 #include "selection_args.h"
 #include "selection_keys.h"
 
@@ -106,6 +108,7 @@ remove_first_equal(const Shard& shard, int64_t key_bits, int64_t begin, int64_t 
 int64_t prune_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
                     int64_t threshold, bool* out) {
   if (threshold >= 0) return write_kept_range(shard, key_bits, begin, length, threshold, out);
+  if (shard.mask == out - begin) return 0;  // in place
   if (shard.mask != nullptr) {
     std::copy(shard.mask + begin, shard.mask + begin + length, out);
   } else {
@@ -114,41 +117,40 @@ int64_t prune_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t
   return 0;
 }
 
-std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
-                                        const c10::List<std::optional<at::Tensor>>& masks,
-                                        int64_t scope, int64_t key_bits,
-                                        const at::Tensor& threshold_keys,
-                                        const at::Tensor& remove_equal) {
-  constexpr const char* op = "prune_masks";
-  const ShardTable table = checked_table(weights, masks, scope, key_bits, op);
-  const at::Tensor thresholds =
-      per_unit_values(threshold_keys, table.num_units, op, "threshold_keys");
-  const at::Tensor removals = per_unit_values(remove_equal, table.num_units, op, "remove_equal");
-  const int64_t* threshold_data = thresholds.data_ptr<int64_t>();
-  const int64_t* remove_data = removals.data_ptr<int64_t>();
-  for (int64_t u = 0; u < table.num_units; ++u) {
+// The checked per-unit inputs of prune_masks and prune_masks_.
+struct PruneInputs {
+  ShardTable table;
+  at::Tensor thresholds, removals;
+};
+
+PruneInputs prune_inputs(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& masks,
+                         int64_t scope, int64_t key_bits, const at::Tensor& threshold_keys,
+                         const at::Tensor& remove_equal, const char* op) {
+  PruneInputs in{checked_table(weights, masks, scope, key_bits, op), {}, {}};
+  in.thresholds = per_unit_values(threshold_keys, in.table.num_units, op, "threshold_keys");
+  in.removals = per_unit_values(remove_equal, in.table.num_units, op, "remove_equal");
+  const int64_t* threshold_data = in.thresholds.data_ptr<int64_t>();
+  const int64_t* remove_data = in.removals.data_ptr<int64_t>();
+  for (int64_t u = 0; u < in.table.num_units; ++u) {
     TORCH_CHECK_VALUE(threshold_data[u] <= int64_t(std::numeric_limits<uint32_t>::max()), op,
                       ": threshold_keys[", u, "] = ", threshold_data[u], " is not a valid key");
     TORCH_CHECK_VALUE(remove_data[u] >= 0, op, ": remove_equal[", u, "] = ", remove_data[u],
                       " is negative");
   }
-  std::vector<Segment> segments;
-  std::vector<int64_t> chunk_starts;
-  make_segments(table, scope, kChunk, segments, chunk_starts);
-  // Masks are written in row-major order; a weight with permuted strides gets
-  // a mask with the same strides (as the fake, empty_like, promises) by a copy.
-  std::vector<at::Tensor> outs = new_contiguous_masks(weights);
-  std::vector<bool*> out_data;
-  for (at::Tensor& out : outs) out_data.push_back(out.data_ptr<bool>());
-  auto with_weight_strides = [&]() {
-    for (size_t i = 0; i < outs.size(); ++i) {
-      if (weights[i].is_contiguous()) continue;  // empty_like would be contiguous too
-      at::Tensor like = at::empty_like(weights[i], weights[i].options().dtype(at::kBool));
-      if (!like.is_contiguous()) outs[i] = like.copy_(outs[i]);
-    }
-    return outs;
-  };
+  return in;
+}
 
+// Writes the new masks into out_data (row-major, one per shard; the input
+// masks themselves when backup is given, which first keeps their bits).
+// Returns "" or the message of a remove_equal above a unit's ties, in which
+// case out_data is partly written.
+std::string prune_into(const PruneInputs& in, int64_t scope, int64_t key_bits,
+                       const std::vector<bool*>& out_data, MaskBackup* backup,
+                       const std::vector<Segment>& segments,
+                       const std::vector<int64_t>& chunk_starts, const char* op) {
+  const ShardTable& table = in.table;
+  const int64_t* threshold_data = in.thresholds.data_ptr<int64_t>();
+  const int64_t* remove_data = in.removals.data_ptr<int64_t>();
   // Neuron scope: a row lies in one segment, so its owner ranks the ties.
   // Other scopes: count ties per segment in the mask pass, then scan.
   std::vector<int64_t> equal(segments.size(), 0);
@@ -159,6 +161,7 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
         const Segment& seg = segments[s];
         const Shard& shard = table.shards[seg.shard];
         bool* out = out_data[seg.shard];
+        if (backup != nullptr) backup->save(s, shard.mask + seg.begin, seg.length);
         if (scope != kNeuron) {
           const int64_t threshold = threshold_data[shard.first_unit];
           equal[s] =
@@ -185,10 +188,12 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
     }
   });
   for (const int64_t row : short_row) {
-    TORCH_CHECK_VALUE(row < 0, op, ": remove_equal[", row, "] = ", remove_data[row],
+    if (row >= 0) {
+      return c10::str(op, ": remove_equal[", row, "] = ", remove_data[row],
                       " exceeds the retained weights of that row equal to its threshold");
+    }
   }
-  if (scope == kNeuron) return with_weight_strides();
+  if (scope == kNeuron) return "";
 
   // Exclusive scan of the tie counts per unit in flat (segment) order; the
   // segments holding one of the first remove_equal[u] ties get a fix-up.
@@ -203,8 +208,10 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
   }
   for (int64_t u = 0; u < table.num_units; ++u) {
     const int64_t remove = threshold_data[u] >= 0 ? remove_data[u] : 0;
-    TORCH_CHECK_VALUE(remove <= seen[u], op, ": remove_equal[", u, "] = ", remove, " exceeds the ",
-                      seen[u], " retained weights equal to threshold_keys[", u, "]");
+    if (remove > seen[u]) {
+      return c10::str(op, ": remove_equal[", u, "] = ", remove, " exceeds the ", seen[u],
+                      " retained weights equal to threshold_keys[", u, "]");
+    }
   }
   at::parallel_for(0, int64_t(fixups.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t f = first; f < last; ++f) {
@@ -221,7 +228,60 @@ std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
       }
     }
   });
-  return with_weight_strides();
+  return "";
+}
+
+std::vector<at::Tensor> prune_masks_cpu(at::TensorList weights,
+                                        const c10::List<std::optional<at::Tensor>>& masks,
+                                        int64_t scope, int64_t key_bits,
+                                        const at::Tensor& threshold_keys,
+                                        const at::Tensor& remove_equal) {
+  constexpr const char* op = "prune_masks";
+  const PruneInputs in =
+      prune_inputs(weights, masks, scope, key_bits, threshold_keys, remove_equal, op);
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(in.table, scope, kChunk, segments, chunk_starts);
+  std::vector<at::Tensor> outs = new_contiguous_masks(weights);
+  std::vector<bool*> out_data;
+  for (at::Tensor& out : outs) out_data.push_back(out.data_ptr<bool>());
+  const std::string error =
+      prune_into(in, scope, key_bits, out_data, nullptr, segments, chunk_starts, op);
+  TORCH_CHECK_VALUE(error.empty(), error);
+  // Masks are written in row-major order; a weight with permuted strides gets
+  // a mask with the same strides (as the fake, empty_like, promises) by a copy.
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (weights[i].is_contiguous()) continue;  // empty_like would be contiguous too
+    at::Tensor like = at::empty_like(weights[i], weights[i].options().dtype(at::kBool));
+    if (!like.is_contiguous()) outs[i] = like.copy_(outs[i]);
+  }
+  return outs;
+}
+
+void prune_masks_in_place_cpu(at::TensorList weights, at::TensorList masks, int64_t scope,
+                              int64_t key_bits, const at::Tensor& threshold_keys,
+                              const at::Tensor& remove_equal) {
+  constexpr const char* op = "prune_masks_";
+  TORCH_CHECK_VALUE(masks.size() == weights.size(), op, ": got ", masks.size(), " masks for ",
+                    weights.size(), " weights");
+  const PruneInputs in = prune_inputs(weights, optional_masks(masks), scope, key_bits,
+                                      threshold_keys, remove_equal, op);
+  check_masks_in_place(masks, op);
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(in.table, scope, kChunk, segments, chunk_starts);
+  std::vector<bool*> mask_data;
+  for (const Shard& shard : in.table.shards) mask_data.push_back(const_cast<bool*>(shard.mask));
+  MaskBackup backup(segments);
+  const std::string error =
+      prune_into(in, scope, key_bits, mask_data, &backup, segments, chunk_starts, op);
+  if (error.empty()) return;
+  at::parallel_for(0, int64_t(segments.size()), 16, [&](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) {
+      backup.restore(s, mask_data[segments[s].shard] + segments[s].begin, segments[s].length);
+    }
+  });
+  TORCH_CHECK_VALUE(false, error);
 }
 
 // --- apply_masks_ ------------------------------------------------------------
@@ -285,6 +345,7 @@ void apply_masks_cpu(at::TensorList weights, at::TensorList masks) {
 
 TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) {
   m.impl("prune_masks", &prune_masks_cpu);
+  m.impl("prune_masks_", &prune_masks_in_place_cpu);
   m.impl("apply_masks_", &apply_masks_cpu);
 }
 

@@ -13,6 +13,7 @@
 
 #include "../kernel_types.h"
 #include "magnitudes.h"
+#include "mask_backup.h"
 #include "selection_keys.h"
 
 namespace sap_kernels::cpu {
@@ -59,16 +60,6 @@ struct MaskOutput {
   uint32_t position = 0;
   uint16_t* old_bits = nullptr;
 };
-
-// Bit j % 16 of bits[j / 16] = mask[j].
-SAP_INLINE void pack_mask_bits(const uint8_t* mask, int64_t length, uint16_t* bits) {
-  for (int64_t first = 0; first < length; first += 16) {
-    const int64_t n = std::min<int64_t>(16, length - first);
-    uint32_t word = 0;
-    for (int64_t j = 0; j < n; ++j) word |= uint32_t(mask[first + j]) << j;
-    bits[first / 16] = uint16_t(word);
-  }
-}
 
 template <int Type, int KeyBits, bool Masked, bool Prune>
 SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t length, Bracket b,

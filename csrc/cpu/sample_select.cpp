@@ -31,11 +31,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <memory>
+#include <optional>
 #include <vector>
 
 #include "../shards.h"
 #include "magnitudes.h"
+#include "mask_backup.h"
 #include "sample_pass.h"
 #include "selection_args.h"
 #include "selection_keys.h"
@@ -201,10 +202,9 @@ struct SamplePass {
   std::vector<ChunkCounts> chunks;
   std::vector<SegmentCounts> counts;  // per segment
   std::vector<UnitResult> units;
-  // In place: the old masks' bits, segment i's from word old_bits_offsets[i],
-  // and which chunks the pass went through (it stops early on an overflow).
-  std::unique_ptr<uint16_t[]> old_bits;
-  std::vector<int64_t> old_bits_offsets;
+  // In place: the old masks' bits, and which chunks the pass went through
+  // (it stops early on an overflow).
+  std::optional<MaskBackup> backup;
   std::vector<uint8_t> chunk_done;
 };
 
@@ -238,14 +238,7 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_b
   pass.chunks.resize(num_chunks);
   pass.counts.resize(pass.segments.size());
   pass.chunk_done.assign(num_chunks, 0);
-  if (out != nullptr && out->in_place) {
-    pass.old_bits_offsets.assign(pass.segments.size() + 1, 0);
-    for (size_t i = 0; i < pass.segments.size(); ++i) {
-      pass.old_bits_offsets[i + 1] = pass.old_bits_offsets[i] + (pass.segments[i].length + 15) / 16;
-    }
-    // uninitialised: the pass writes every word (its pages are first touched there)
-    pass.old_bits.reset(new uint16_t[size_t(pass.old_bits_offsets.back())]);
-  }
+  if (out != nullptr && out->in_place) pass.backup.emplace(pass.segments);
   const bool avx512 = has_avx512() && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
   std::atomic<int64_t> collected{0};
   std::atomic<bool> overflow{false};
@@ -259,8 +252,7 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_b
         const Bracket bracket = pass.brackets[shard.first_unit];
         MaskOutput write;
         if (out != nullptr) {
-          uint16_t* old_bits =
-              pass.old_bits ? pass.old_bits.get() + pass.old_bits_offsets[i] : nullptr;
+          uint16_t* old_bits = pass.backup ? pass.backup->segment_bits(i) : nullptr;
           write = {out->masks[seg.shard] + seg.begin, position, old_bits};
         }
         const SegmentCounts before{chunk.below, chunk.retained, chunk.nonfinite, c, chunk.used};
@@ -456,40 +448,19 @@ void restore_old_masks(const SamplePass& pass, const std::vector<bool*>& masks) 
       if (!pass.chunk_done[c]) continue;
       for (int64_t i = pass.chunk_starts[c]; i < pass.chunk_starts[c + 1]; ++i) {
         const Segment& seg = pass.segments[i];
-        bool* mask = masks[seg.shard] + seg.begin;
-        const uint16_t* bits = pass.old_bits.get() + pass.old_bits_offsets[i];
-        for (int64_t j = 0; j < seg.length; ++j) mask[j] = (bits[j >> 4] >> (j & 15)) & 1;
+        pass.backup->restore(i, masks[seg.shard] + seg.begin, seg.length);
       }
     }
   });
-}
-
-// The masks must be contiguous (they are written where they are) and must not
-// share memory (a weight would be pruned twice).
-void check_masks_in_place(at::TensorList masks, const char* op) {
-  std::vector<std::pair<const char*, size_t>> starts;
-  for (size_t i = 0; i < masks.size(); ++i) {
-    TORCH_CHECK_VALUE(masks[i].is_contiguous(), op, ": masks[", i,
-                      "] must be contiguous (it is updated in place)");
-    if (masks[i].numel() > 0) starts.emplace_back(static_cast<const char*>(masks[i].data_ptr()), i);
-  }
-  std::sort(starts.begin(), starts.end());
-  for (size_t j = 1; j < starts.size(); ++j) {
-    const auto [previous, i] = starts[j - 1];
-    TORCH_CHECK_VALUE(previous + masks[i].numel() <= starts[j].first, op, ": masks[", i,
-                      "] and masks[", starts[j].second, "] share memory");
-  }
 }
 
 at::Tensor prune_masks_by_sample_in_place_cpu(at::TensorList weights, at::TensorList masks,
                                               int64_t scope, int64_t key_bits,
                                               const at::Tensor& count_tensor, int64_t sample_size) {
   constexpr const char* op = "prune_masks_by_sample_";
-  c10::List<std::optional<at::Tensor>> optional_masks;
-  for (const at::Tensor& mask : masks) optional_masks.push_back(mask);
   TORCH_CHECK_VALUE(masks.size() == weights.size(), op, ": got ", masks.size(), " masks for ",
                     weights.size(), " weights");
-  const auto [table, counts] = sample_op_inputs(weights, optional_masks, scope, key_bits,
+  const auto [table, counts] = sample_op_inputs(weights, optional_masks(masks), scope, key_bits,
                                                 count_tensor, sample_size, op, "count");
   check_masks_in_place(masks, op);
   PassMasks out{{}, true};
