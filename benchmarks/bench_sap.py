@@ -5,15 +5,15 @@ retained magnitudes -> zero the pruned weights in place (global scope, the
 paper's defaults p=0.5, q=1, eta_r=0, gamma=1, beta=0.9).
 
 * sap_kernels: `pq_sums` (fused masked power sums, float64) -> `sap_counts` ->
-  `prune` (radix select, exact, ties in flat order) -> `apply_masks_`.
+  `prune_` (exact selection, ties in flat order, masks written in place, as
+  `Pruner` does) -> `apply_masks_`.
 * paper: as in the authors' `Compression.compress` (global scope):
   `torch.cat([w[mask].abs()])`, norms of the concatenation, `torch.sort`,
   pivot = sorted[c_t], new mask = mask & ~(|w| < pivot) (a strict `<`
   threshold), then `torch.where` for the weights.
 
 Both start from the same weights and random masks of density 0.8 (an
-iteration after the first). Each step zeroes weights in place, so repeated
-runs see a few more zeros inside the masks; both methods see the same state.
+iteration after the first); every timed run starts from that state again.
 
     python benchmarks/bench_sap.py --params 2.7e8            # >= 1 GB of float32
     python benchmarks/bench_sap.py --params 3e7 --backend reference
@@ -46,13 +46,14 @@ P, Q, ETA_R, GAMMA, BETA = 0.5, 1.0, 0.0, 1.0, 0.9
 
 
 def sap_kernels_step(weights, masks, pqi_backend: str, select_backend: str):
-    """PQI -> counts -> exact prune -> apply masks; returns (pqi, c_t, new masks)."""
+    """PQI -> counts -> exact prune (in place, as Pruner does) -> apply masks;
+    returns (pqi, c_t, the updated masks)."""
     sums = sap_kernels.pq_sums(weights, masks, p=P, q=Q, backend=pqi_backend)
     unit_pqi = sap_kernels.pqi_from_sums(sums.sum_p, sums.sum_q, sums.count, P, Q).reshape(1)
     _, counts = sap_counts(
         unit_pqi, sums.count.reshape(1).long(), p=P, q=Q, eta_r=ETA_R, gamma=GAMMA, beta=BETA
     )
-    new_masks = sap_kernels.prune(weights, masks, counts, scope="global", backend=select_backend)
+    new_masks = sap_kernels.prune_(weights, masks, counts, scope="global", backend=select_backend)
     sap_kernels.apply_masks_(weights, new_masks, backend=select_backend)
     return float(unit_pqi[0]), int(counts[0]), new_masks
 
@@ -108,14 +109,20 @@ def _peak_in_fresh_process(label: str, args) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_bytes"]
 
 
-def _median_from_state(fn, weights, saved, repeats: int):
+def _restore(tensors, saved) -> None:
+    for t, s in zip(tensors, saved):
+        t.copy_(s)
+
+
+def _median_from_state(fn, weights, masks, saved, saved_masks, repeats: int):
     """Median over `repeats` timed runs (after one warm-up), each from the same
-    weights: a step zeroes pruned weights in place, and the next step would
-    otherwise find them retained-and-zero under the unchanged masks (ties)."""
+    weights and masks: a step prunes the masks and zeroes pruned weights in
+    place, and the next step would otherwise find them retained-and-zero under
+    the unchanged masks (ties)."""
     times = []
     for _ in range(repeats + 1):
-        for w, s in zip(weights, saved):
-            w.copy_(s)
+        _restore(weights, saved)
+        _restore(masks, saved_masks)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -145,10 +152,11 @@ def main(argv=None) -> int:
     )
 
     # agreement on the first step, from the same state
-    saved = [w.clone() for w in weights]
+    saved, saved_masks = [w.clone() for w in weights], [m.clone() for m in masks]
     ours_pqi, ours_count, ours_masks = sap_kernels_step(weights, masks, pqi_backend, select_backend)
-    for w, s in zip(weights, saved):
-        w.copy_(s)
+    ours_masks = [m.clone() for m in ours_masks]
+    _restore(weights, saved)
+    _restore(masks, saved_masks)
     paper_pqi, paper_count, paper_masks = paper_step(weights, masks)
     removed_ours = sum(int((m & ~n).sum()) for m, n in zip(masks, ours_masks))
     removed_paper = sum(int((m & ~n).sum()) for m, n in zip(masks, paper_masks))
@@ -158,7 +166,7 @@ def main(argv=None) -> int:
     rows = {}
     for label, make in METHODS.items():
         fn = make(weights, masks, pqi_backend, select_backend)
-        seconds, times = _median_from_state(fn, weights, saved, args.repeats)
+        seconds, times = _median_from_state(fn, weights, masks, saved, saved_masks, args.repeats)
         peak = _peak_in_fresh_process(label, args)
         rows[label] = {"median_s": seconds, "times_s": times, "peak_rss_growth_bytes": peak}
         print(f"{label:28s} median {seconds:8.3f} s   peak RSS growth {peak / 2**20:9.1f} MiB")

@@ -8,6 +8,8 @@ Methods (k = 20% of the weights, the smallest magnitudes):
   probe            [t.sum() for t in shards]: reads every byte once
   sap threshold    sap_kernels.magnitude_threshold(shards, k)
   sap prune        sap_kernels.prune(shards, None, k) -> new bool masks
+  sap prune_       sap_kernels.prune_(shards, masks, k) on all-True masks, in place
+                   (timed with the masks' reset, which is timed alone as well)
   sap prune_masks  the mask pass alone (torch.ops.sap_kernels.prune_masks)
   sap apply_masks_ sap_kernels.apply_masks_(shards, masks)
   kthvalue         torch.cat of |w| + torch.kthvalue
@@ -103,6 +105,27 @@ def run_dtype(rows, dtype, params, repeats, slow_repeats):
         output_bytes=mask_bytes,
         **common,
     )
+    # in place on all-True masks, as Pruner does; each run first resets them
+    in_place = [torch.ones_like(t, dtype=torch.bool) for t in shards]
+
+    def reset_masks():
+        for m in in_place:
+            m.fill_(True)
+
+    def reset_and_prune_():
+        reset_masks()
+        sap_kernels.prune_(shards, in_place, k, backend="cpu")
+
+    measure(rows, "masks.fill_(True)", fn=reset_masks, repeats=repeats, warmup=1, **common)
+    measure(
+        rows,
+        "sap prune_ + fill_(True)",
+        fn=reset_and_prune_,
+        repeats=repeats,
+        warmup=1,
+        **common,
+    )
+    in_place = None
     key_bits = 16 if dtype != torch.float32 else 32
     keys = threshold.reshape(1).view(torch.int16 if key_bits == 16 else torch.int32).long()
     below = sum(int((t.abs() < threshold).sum()) for t in shards)
