@@ -3,6 +3,7 @@
 // back when the op fails after writing (bad input must change nothing).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -53,9 +54,20 @@ class MaskBackup {
   void save(size_t segment, const bool* mask, int64_t length) {
     pack_mask_bits(mask_bytes(mask), length, segment_bits(segment));
   }
-  void restore(size_t segment, bool* mask, int64_t length) const {
-    const uint16_t* bits = bits_.get() + offsets_[segment];
-    for (int64_t j = 0; j < length; ++j) mask[j] = (bits[j >> 4] >> (j & 15)) & 1;
+  // Writes the old bits back over the masks (one per shard) of every segment
+  // of the chunks the kernel went through (chunk_done; nullptr: all of them).
+  void restore(const std::vector<Segment>& segments, const std::vector<int64_t>& chunk_starts,
+               const std::vector<bool*>& masks, const std::vector<uint8_t>* chunk_done) const {
+    at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        if (chunk_done != nullptr && !(*chunk_done)[c]) continue;
+        for (int64_t i = chunk_starts[c]; i < chunk_starts[c + 1]; ++i) {
+          bool* mask = masks[segments[i].shard] + segments[i].begin;
+          const uint16_t* bits = bits_.get() + offsets_[i];
+          for (int64_t j = 0; j < segments[i].length; ++j) mask[j] = (bits[j >> 4] >> (j & 15)) & 1;
+        }
+      }
+    });
   }
 
  private:

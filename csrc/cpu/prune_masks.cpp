@@ -276,11 +276,7 @@ void prune_masks_in_place_cpu(at::TensorList weights, at::TensorList masks, int6
   const std::string error =
       prune_into(in, scope, key_bits, mask_data, &backup, segments, chunk_starts, op);
   if (error.empty()) return;
-  at::parallel_for(0, int64_t(segments.size()), 16, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) {
-      backup.restore(s, mask_data[segments[s].shard] + segments[s].begin, segments[s].length);
-    }
-  });
+  backup.restore(segments, chunk_starts, mask_data, nullptr);  // the pass wrote every segment
   TORCH_CHECK_VALUE(false, error);
 }
 

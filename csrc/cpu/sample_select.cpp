@@ -440,20 +440,6 @@ bool every_unit_found(const SamplePass& pass, const int64_t* counts) {
   return true;
 }
 
-// Puts back the old masks' bits wherever the pass went.
-void restore_old_masks(const SamplePass& pass, const std::vector<bool*>& masks) {
-  const int64_t num_chunks = int64_t(pass.chunk_done.size());
-  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      if (!pass.chunk_done[c]) continue;
-      for (int64_t i = pass.chunk_starts[c]; i < pass.chunk_starts[c + 1]; ++i) {
-        const Segment& seg = pass.segments[i];
-        pass.backup->restore(i, masks[seg.shard] + seg.begin, seg.length);
-      }
-    }
-  });
-}
-
 at::Tensor prune_masks_by_sample_in_place_cpu(at::TensorList weights, at::TensorList masks,
                                               int64_t scope, int64_t key_bits,
                                               const at::Tensor& count_tensor, int64_t sample_size) {
@@ -470,7 +456,7 @@ at::Tensor prune_masks_by_sample_in_place_cpu(at::TensorList weights, at::Tensor
   if (every_unit_found(pass, count_data)) {
     remove_candidates(pass, out.masks, table, count_data);
   } else {
-    restore_old_masks(pass, out.masks);
+    pass.backup->restore(pass.segments, pass.chunk_starts, out.masks, &pass.chunk_done);
   }
   return status_of(pass);
 }
