@@ -363,13 +363,11 @@ def _copy_into(masks, new_masks):
 
 
 def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
-    def result(new_masks):
-        return _copy_into(masks, new_masks) if in_place else new_masks
-
     if uses_distribution(group, tensors):
         from .distributed import prune as distributed_prune
 
-        return result(distributed_prune(tensors, masks, counts, scope, backend, group))
+        new_masks = distributed_prune(tensors, masks, counts, scope, backend, group)
+        return _copy_into(masks, new_masks) if in_place else new_masks
     weights = collect_weights(tensors)
     mask_list = collect_masks(masks, weights)
     code = scope_code(scope)
@@ -377,13 +375,20 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
     counts = _per_unit(counts, num_units(weights, scope), "counts", weights, scope)
     tensors = weights.tensors
     key_bits = key_bits_for(tensors)
-    # masks written where they are: no new masks (no page faults) and no copy
+    # masks written where they are: no new masks (no page faults) and no copy;
+    # an error or a sample's miss leaves them as they were
     write_over = (
         in_place
         and ops.has_in_place_prune(chosen)
         and all(m.is_contiguous() for m in mask_list)
         and not _compiling()
     )
+
+    def finish(new_masks):
+        if write_over:
+            return list(masks)
+        return _copy_into(masks, new_masks) if in_place else new_masks
+
     sampled = (
         _uses_sample_select(chosen, scope, group, key_bits)
         and bool((counts > 0).any())
@@ -391,29 +396,22 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
     )
     if sampled:
         # thresholds and masks in one pass; the radix select only after a miss
-        labels = _unit_labels(weights, scope)
-        size = _sample_size(counts.numel())
+        args = (chosen, tensors, mask_list, code, key_bits, counts, _sample_size(counts.numel()))
         if write_over:
-            # a miss (or an error) leaves the masks as they were
-            status = ops.prune_masks_by_sample_(
-                chosen, tensors, mask_list, code, key_bits, counts, size
-            )
-            if _sample_result(status, counts, "counts", True, labels) is not None:
-                return list(masks)
+            new_masks, status = None, ops.prune_masks_by_sample_(*args)
         else:
-            new_masks, status = ops.prune_masks_by_sample(
-                chosen, tensors, mask_list, code, key_bits, counts, size
-            )
-            if _sample_result(status, counts, "counts", True, labels) is not None:
-                return result(new_masks)
+            new_masks, status = ops.prune_masks_by_sample(*args)
+        labels = _unit_labels(weights, scope)
+        if _sample_result(status, counts, "counts", True, labels) is not None:
+            return finish(new_masks)
     keys, below, key_bits = _kth_keys(
         chosen, weights, mask_list, scope, counts, group, "counts", True, sample=not sampled
     )
-    remove_equal = counts.to(keys.device) - below
-    if write_over:  # an error leaves the masks as they were
-        ops.prune_masks_(chosen, tensors, mask_list, code, key_bits, keys, remove_equal)
-        return list(masks)
-    return result(ops.prune_masks(chosen, tensors, mask_list, code, key_bits, keys, remove_equal))
+    args = (chosen, tensors, mask_list, code, key_bits, keys, counts.to(keys.device) - below)
+    if write_over:
+        ops.prune_masks_(*args)
+        return finish(None)
+    return finish(ops.prune_masks(*args))
 
 
 def apply_masks_(tensors, masks, *, backend: str = "auto"):
