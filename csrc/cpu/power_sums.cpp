@@ -5,23 +5,27 @@
 //
 // Shards are cut into segments of <= kChunk elements and grouped into chunks
 // (so thousands of tiny tensors share chunks); at::parallel_for walks chunks.
-// Each segment decodes blocks of kBlock weights into an L1-resident float
-// buffer of magnitudes (pruned and non-finite weights become 0, which every
-// power maps to 0), then accumulates |w|^p and |w|^q in 16 float32 lanes (64
-// terms per lane per block) and adds each block's total to float64, so
-// rounding error does not grow with the model size. Per-segment float64
-// partials are reduced in segment order, so results are bit-identical
-// whatever the thread count. The block kernels (power_sums_blocks.h) are
-// compiled for x86-64-v4, -v3 and the baseline; their order of additions does
-// not depend on the vector width, so for the exact powers (sqrt, 1, 2,
-// integers) the AVX-512 and AVX2 copies give the same bits (the baseline has
-// no FMA to contract `lane += v * v` into).
+// Each segment walks blocks of kBlock weights and accumulates |w|^p and |w|^q
+// in 16 float32 lanes (64 terms per lane per block; pruned and non-finite
+// weights count as 0, which every power maps to 0), then adds each block's
+// total to float64, so rounding error does not grow with the model size.
+// Exact powers (sqrt, 1, 2, integers) decode and sum 16 weights at a time in
+// registers; general exponents (exp2/log2 per weight) first decode a block
+// into an L1 buffer of magnitudes. Per-segment float64 partials are reduced
+// in segment order, so results are bit-identical whatever the thread count.
+// The block kernels (power_sums_blocks.h) are compiled for x86-64-v4, -v3 and
+// the baseline; their order of additions does not depend on the vector width
+// and none of them contracts a product and a sum into an FMA, so every copy
+// gives the same bits.
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "../shards.h"
 #include "magnitudes.h"
@@ -48,24 +52,37 @@ struct PowerPlan {
 
 }  // namespace
 
-// One copy of the block kernels per instruction set.
+// One copy of the block kernels per instruction set. No FMA contraction: the
+// baseline has no FMA, and where the other copies would fuse `lane += v * v`
+// depends on how GCC schedules each copy; without it every copy rounds every
+// product and sum alike. (exp2_scaled's explicit __builtin_fmaf is not a
+// contraction and stays.)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define SAP_KERNELS_ISA x86_64_v4
+#define SAP_KERNELS_VECTOR_WIDTH 16
 #include "power_sums_blocks.h"
 #undef SAP_KERNELS_ISA
+#undef SAP_KERNELS_VECTOR_WIDTH
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define SAP_KERNELS_ISA x86_64_v3
+#define SAP_KERNELS_VECTOR_WIDTH 8
 #include "power_sums_blocks.h"
 #undef SAP_KERNELS_ISA
+#undef SAP_KERNELS_VECTOR_WIDTH
 #pragma GCC pop_options
 
 #define SAP_KERNELS_ISA x86_64_baseline
+#define SAP_KERNELS_VECTOR_WIDTH 4
 #include "power_sums_blocks.h"
 #undef SAP_KERNELS_ISA
+#undef SAP_KERNELS_VECTOR_WIDTH
+#pragma GCC pop_options
 
 namespace {
 

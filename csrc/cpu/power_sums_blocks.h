@@ -11,21 +11,83 @@
 namespace SAP_KERNELS_ISA {
 namespace {
 
+// The 16 lanes of a block sum live in kParts registers of kWidth float32
+// lanes: one zmm in the x86-64-v4 copy, two ymm in -v3, four xmm in the
+// baseline (SAP_KERNELS_VECTOR_WIDTH is set per copy). Lane j * kWidth + l is
+// lane l of part j, so every copy adds the same terms in the same order. The
+// lane functions are inlined, so no vector crosses a call (setup.py silences
+// -Wpsabi).
+constexpr int kWidth = SAP_KERNELS_VECTOR_WIDTH;
+constexpr int kParts = kLanes / kWidth;
+using Lanes = float __attribute__((vector_size(4 * kWidth)));
+using LaneInts = int32_t __attribute__((vector_size(4 * kWidth)));
+using LaneHalves = uint16_t __attribute__((vector_size(2 * kWidth)));
+
+// x in every lane of V (V a scalar or a GCC vector of x's type).
+template <class V, class Scalar>
+SAP_INLINE V splat(Scalar x) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    return x;
+  } else {
+    return V{} + x;
+  }
+}
+
+// kWidth mask bytes (0 or 1, as the other kernels read them) as lanes: -1
+// retained, 0 pruned. One vpmovzxbd where the copy has it: GCC 12 turns a
+// uint8 -> int32 __builtin_convertvector into scalar code.
+SAP_INLINE LaneInts kept_lanes(const uint8_t* mask) {
+  LaneInts bytes;
+#if SAP_KERNELS_VECTOR_WIDTH == 16
+  // The maskz form: GCC 12's _mm512_cvtepu8_epi32 trips -Wmaybe-uninitialized.
+  const __m512i widened = _mm512_maskz_cvtepu8_epi32(
+      __mmask16(0xffff), _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask)));
+  std::memcpy(&bytes, &widened, sizeof(bytes));
+#elif SAP_KERNELS_VECTOR_WIDTH == 8
+  const __m256i widened =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask)));
+  std::memcpy(&bytes, &widened, sizeof(bytes));
+#else
+  for (int l = 0; l < kWidth; ++l) bytes[l] = mask[l];
+#endif
+  return -bytes;
+}
+
+SAP_INLINE float sqrt_each(float v) {
+  return __builtin_sqrtf(v);
+}
+SAP_INLINE Lanes sqrt_each(Lanes v) {
+  Lanes root;
+  for (int l = 0; l < kWidth; ++l) root[l] = __builtin_sqrtf(v[l]);  // one (v)sqrtps
+  return root;
+}
+
+// The exponents with exact lane-wise forms work on a float or on Lanes.
 struct PowHalf {
-  SAP_INLINE float operator()(float v) const { return __builtin_sqrtf(v); }
+  template <class V>
+  SAP_INLINE V operator()(V v) const {
+    return sqrt_each(v);
+  }
 };
 struct PowOne {
-  SAP_INLINE float operator()(float v) const { return v; }
+  template <class V>
+  SAP_INLINE V operator()(V v) const {
+    return v;
+  }
 };
 struct PowTwo {
-  SAP_INLINE float operator()(float v) const { return v * v; }
+  template <class V>
+  SAP_INLINE V operator()(V v) const {
+    return v * v;
+  }
 };
 // Integer exponent 3..15 by square-and-multiply with a fixed trip count, so
 // the loop stays branch-free and vectorises.
 struct PowInt {
   int n;
-  SAP_INLINE float operator()(float v) const {
-    float result = 1.f, base = v;
+  template <class V>
+  SAP_INLINE V operator()(V v) const {
+    V result = splat<V>(1.f), base = v;
     int e = n;
     for (int k = 0; k < 4; ++k) {
       result = (e & 1) ? result * base : result;
@@ -211,20 +273,154 @@ SAP_INLINE void range_sums(const Shard& shard, int64_t begin, int64_t length, co
   }
 }
 
+// kWidth weights from element i on as magnitude bits (float32 bits of |w|),
+// held as signed lanes (the sign bit is clear): AVX2 has no unsigned compare.
+template <int32_t Type>
+SAP_INLINE LaneInts load_magnitude_lanes(const void* data, int64_t i) {
+  if constexpr (Type == kFloat32) {
+    LaneInts bits;
+    std::memcpy(&bits, static_cast<const uint32_t*>(data) + i, sizeof(bits));
+    return bits & 0x7fffffff;
+  } else {
+    LaneHalves halves;
+    std::memcpy(&halves, static_cast<const uint16_t*>(data) + i, sizeof(halves));
+    const LaneInts em = __builtin_convertvector(halves, LaneInts) & 0x7fff;
+    if constexpr (Type == kBFloat16) {
+      return em << 16;
+    } else {  // as magnitude_bits_f16, lane-wise
+      const LaneInts finite = (LaneInts)((Lanes)(em << 13) * 0x1p112f);
+      return em >= 0x7c00 ? (0x7f800000 | (em & 0x3ff)) : finite;
+    }
+  }
+}
+
+struct LaneBlock {
+  float sum_p, sum_q;
+  uint32_t max_bits;
+  int32_t retained, nonfinite;
+};
+
+struct LaneAccumulators {
+  Lanes sum_p[kParts] = {}, sum_q[kParts] = {};
+  LaneInts max_bits[kParts] = {}, retained[kParts] = {}, nonfinite[kParts] = {};
+};
+
+// Adds the 16 weights from element i on (with their mask bytes if Masked).
+template <int32_t Type, bool Masked, class P, class Q>
+SAP_INLINE void add_lane_group(LaneAccumulators& acc, const void* data, int64_t i,
+                               const uint8_t* mask, P pow_p, Q pow_q) {
+  for (int j = 0; j < kParts; ++j) {
+    LaneInts bits = load_magnitude_lanes<Type>(data, i + j * kWidth);
+    const LaneInts kept = Masked ? kept_lanes(mask + j * kWidth) : splat<LaneInts>(int32_t(-1));
+    const LaneInts finite = bits < int32_t(kFloat32InfBits);
+    acc.retained[j] -= kept;
+    acc.nonfinite[j] -= kept & ~finite;
+    bits &= kept & finite;  // pruned and non-finite weights contribute 0
+    acc.max_bits[j] = bits > acc.max_bits[j] ? bits : acc.max_bits[j];
+    const Lanes v = (Lanes)bits;
+    acc.sum_p[j] += pow_p(v);
+    acc.sum_q[j] += pow_q(v);
+  }
+}
+
+// The sums of one block of n <= kBlock weights in a single pass: each group
+// of 16 is decoded and its powers added to the lanes while in registers, so
+// loads, decoding and the square roots overlap. The order of additions is
+// that of load_block + add_block_powers (lane l adds elements l, l + 16, ...;
+// then the lanes in order), so both give the same bits.
+template <int32_t Type, bool Masked, class P, class Q>
+SAP_INLINE LaneBlock lane_block_sums(const Shard& shard, int64_t begin, int n, P pow_p, Q pow_q) {
+  LaneAccumulators acc;
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask) + begin : nullptr;
+  const int whole = n / kLanes * kLanes;
+  for (int i = 0; i < whole; i += kLanes) {
+    add_lane_group<Type, Masked>(acc, shard.data, begin + i, mask + (Masked ? i : 0), pow_p, pow_q);
+  }
+  if (whole < n) {  // the last, partial group, padded with pruned zeros
+    const int rest = n - whole;
+    const size_t width = Type == kFloat32 ? 4 : 2;
+    alignas(64) unsigned char raw[4 * kLanes] = {};
+    std::memcpy(raw, static_cast<const unsigned char*>(shard.data) + (begin + whole) * width,
+                rest * width);
+    alignas(16) uint8_t kept[kLanes] = {};
+    for (int l = 0; l < rest; ++l) kept[l] = Masked ? mask[whole + l] : 1;
+    add_lane_group<Type, true>(acc, raw, 0, kept, pow_p, pow_q);
+  }
+  // Lane-indexed reads go through arrays: indexing the vectors keeps them
+  // in memory for the whole loop (a store-to-load chain on every add).
+  alignas(64) float lane_p[kLanes], lane_q[kLanes];
+  alignas(64) int32_t lane_max[kLanes], lane_retained[kLanes], lane_nonfinite[kLanes];
+  std::memcpy(lane_p, acc.sum_p, sizeof(lane_p));
+  std::memcpy(lane_q, acc.sum_q, sizeof(lane_q));
+  std::memcpy(lane_max, acc.max_bits, sizeof(lane_max));
+  std::memcpy(lane_retained, acc.retained, sizeof(lane_retained));
+  std::memcpy(lane_nonfinite, acc.nonfinite, sizeof(lane_nonfinite));
+  LaneBlock block{0.f, 0.f, 0, 0, 0};
+  for (int l = 0; l < kLanes; ++l) {
+    block.sum_p += lane_p[l];
+    block.sum_q += lane_q[l];
+    block.max_bits = std::max(block.max_bits, uint32_t(lane_max[l]));
+    block.retained += lane_retained[l];
+    block.nonfinite += lane_nonfinite[l];
+  }
+  return block;
+}
+
+// Not inlined: inside the one function that inlines every (type, mask, p, q)
+// case, GCC kept the lane accumulators in memory.
+template <int32_t Type, bool Masked, class P, class Q>
+__attribute__((noinline)) void range_sums_lanewise(const Shard& shard, int64_t begin,
+                                                   int64_t length, const PowerPlan& plan, P pow_p,
+                                                   Q pow_q, Sums& sums) {
+  const uint32_t safe_min = bits_as<uint32_t>(plan.safe_min);
+  const uint32_t safe_max = bits_as<uint32_t>(plan.safe_max);
+  for (int64_t offset = 0; offset < length; offset += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, length - offset));
+    const LaneBlock block = lane_block_sums<Type, Masked>(shard, begin + offset, n, pow_p, pow_q);
+    sums.retained += block.retained;
+    sums.nonfinite += block.nonfinite;
+    if (block.max_bits == 0) continue;
+    if (block.max_bits < safe_min || block.max_bits > safe_max) {
+      alignas(64) float buf[kBlock];
+      Sums counted_already;
+      load_block<Type, Masked>(shard, begin + offset, n, buf, counted_already);
+      add_block_powers_f64(buf, n, plan, sums);
+    } else {
+      sums.sum_p += block.sum_p;
+      sums.sum_q += block.sum_q;
+    }
+  }
+}
+
+// Exponents with lane-wise forms take the one-pass kernel; general exponents
+// (exp2/log2 per weight, compute-bound) decode a block first, then sum it.
+template <int32_t Type, bool Masked, class P, class Q>
+SAP_INLINE void range_sums_any(const Shard& shard, int64_t begin, int64_t length,
+                               const PowerPlan& plan, P pow_p, Q pow_q, Sums& sums) {
+  if constexpr (std::is_same_v<P, PowGeneral> || std::is_same_v<Q, PowGeneral>) {
+    range_sums<Type, Masked>(shard, begin, length, plan, pow_p, pow_q, sums);
+  } else {
+    range_sums_lanewise<Type, Masked>(shard, begin, length, plan, pow_p, pow_q, sums);
+  }
+}
+
 template <class P, class Q>
 SAP_INLINE void range_sums_dispatch(const Shard& shard, int64_t begin, int64_t length,
                                     const PowerPlan& plan, P pow_p, Q pow_q, Sums& sums) {
   const bool masked = shard.mask != nullptr;
   switch (shard.type) {
     case kFloat32:
-      return masked ? range_sums<kFloat32, true>(shard, begin, length, plan, pow_p, pow_q, sums)
-                    : range_sums<kFloat32, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+      return masked
+                 ? range_sums_any<kFloat32, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                 : range_sums_any<kFloat32, false>(shard, begin, length, plan, pow_p, pow_q, sums);
     case kBFloat16:
-      return masked ? range_sums<kBFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
-                    : range_sums<kBFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+      return masked
+                 ? range_sums_any<kBFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                 : range_sums_any<kBFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
     default:
-      return masked ? range_sums<kFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
-                    : range_sums<kFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+      return masked
+                 ? range_sums_any<kFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                 : range_sums_any<kFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
   }
 }
 
