@@ -224,7 +224,7 @@ struct PowerPair<PowGeneral, PowGeneral> {
 // copy was compiled for, so each instruction set gives the same sums.
 template <class P, class Q>
 SAP_INLINE void add_block_powers(const float* __restrict buf, int padded, PowerPair<P, Q> powers,
-                                 Sums& sums) {
+                                 float& block_p, float& block_q) {
   float lane_p[kLanes] = {}, lane_q[kLanes] = {};
   for (int group = 0; group < padded; group += kLanes) {
 #pragma omp simd
@@ -235,13 +235,12 @@ SAP_INLINE void add_block_powers(const float* __restrict buf, int padded, PowerP
       lane_q[l] += vq;
     }
   }
-  float block_p = 0.f, block_q = 0.f;
+  block_p = 0.f;
+  block_q = 0.f;
   for (int l = 0; l < kLanes; ++l) {
     block_p += lane_p[l];
     block_q += lane_q[l];
   }
-  sums.sum_p += block_p;
-  sums.sum_q += block_q;
 }
 
 SAP_INLINE void add_block_powers_f64(const float* buf, int n, const PowerPlan& plan, Sums& sums) {
@@ -250,25 +249,6 @@ SAP_INLINE void add_block_powers_f64(const float* buf, int n, const PowerPlan& p
     if (v != 0) {
       sums.sum_p += std::pow(v, plan.p);
       sums.sum_q += std::pow(v, plan.q);
-    }
-  }
-}
-
-template <int32_t Type, bool Masked, class P, class Q>
-SAP_INLINE void range_sums(const Shard& shard, int64_t begin, int64_t length, const PowerPlan& plan,
-                           P pow_p, Q pow_q, Sums& sums) {
-  alignas(64) float buf[kBlock];
-  const uint32_t safe_min = bits_as<uint32_t>(plan.safe_min);
-  const uint32_t safe_max = bits_as<uint32_t>(plan.safe_max);
-  for (int64_t offset = 0; offset < length; offset += kBlock) {
-    const int n = int(std::min<int64_t>(kBlock, length - offset));
-    const uint32_t max_bits = load_block<Type, Masked>(shard, begin + offset, n, buf, sums);
-    const int padded = (n + kLanes - 1) / kLanes * kLanes;
-    if (max_bits == 0) continue;
-    if (max_bits < safe_min || max_bits > safe_max) {
-      add_block_powers_f64(buf, n, plan, sums);
-    } else {
-      add_block_powers(buf, padded, PowerPair<P, Q>{pow_p, pow_q}, sums);
     }
   }
 }
@@ -294,6 +274,7 @@ SAP_INLINE LaneInts load_magnitude_lanes(const void* data, int64_t i) {
   }
 }
 
+// One block's float32 sums, the bits of its largest magnitude and its counts.
 struct LaneBlock {
   float sum_p, sum_q;
   uint32_t max_bits;
@@ -365,41 +346,53 @@ SAP_INLINE LaneBlock lane_block_sums(const Shard& shard, int64_t begin, int n, P
   return block;
 }
 
-// Not inlined: inside the one function that inlines every (type, mask, p, q)
-// case, GCC kept the lane accumulators in memory.
+// The same sums in two phases, for general exponents (exp2/log2 per weight,
+// compute-bound): the block is decoded into buf, then its powers are summed.
 template <int32_t Type, bool Masked, class P, class Q>
-__attribute__((noinline)) void range_sums_lanewise(const Shard& shard, int64_t begin,
-                                                   int64_t length, const PowerPlan& plan, P pow_p,
-                                                   Q pow_q, Sums& sums) {
+SAP_INLINE LaneBlock buffered_block_sums(const Shard& shard, int64_t begin, int n, P pow_p, Q pow_q,
+                                         float* buf) {
+  Sums counts;
+  LaneBlock block{0.f, 0.f, load_block<Type, Masked>(shard, begin, n, buf, counts),
+                  int32_t(counts.retained), int32_t(counts.nonfinite)};
+  if (block.max_bits != 0) {
+    const int padded = (n + kLanes - 1) / kLanes * kLanes;
+    add_block_powers(buf, padded, PowerPair<P, Q>{pow_p, pow_q}, block.sum_p, block.sum_q);
+  }
+  return block;
+}
+
+// Sums over elements [begin, begin + length) of one shard, block by block.
+// Blocks whose largest magnitude could overflow or underflow float32 powers
+// are summed again in float64. Not inlined: inside the one function that
+// inlines every (type, mask, p, q) case, GCC kept the lane accumulators in
+// memory.
+template <int32_t Type, bool Masked, class P, class Q>
+__attribute__((noinline)) void range_sums(const Shard& shard, int64_t begin, int64_t length,
+                                          const PowerPlan& plan, P pow_p, Q pow_q, Sums& sums) {
+  constexpr bool kOnePass = !std::is_same_v<P, PowGeneral> && !std::is_same_v<Q, PowGeneral>;
+  alignas(64) float buf[kBlock];
   const uint32_t safe_min = bits_as<uint32_t>(plan.safe_min);
   const uint32_t safe_max = bits_as<uint32_t>(plan.safe_max);
   for (int64_t offset = 0; offset < length; offset += kBlock) {
     const int n = int(std::min<int64_t>(kBlock, length - offset));
-    const LaneBlock block = lane_block_sums<Type, Masked>(shard, begin + offset, n, pow_p, pow_q);
+    LaneBlock block;
+    if constexpr (kOnePass) {
+      block = lane_block_sums<Type, Masked>(shard, begin + offset, n, pow_p, pow_q);
+    } else {
+      block = buffered_block_sums<Type, Masked>(shard, begin + offset, n, pow_p, pow_q, buf);
+    }
     sums.retained += block.retained;
     sums.nonfinite += block.nonfinite;
     if (block.max_bits == 0) continue;
     if (block.max_bits < safe_min || block.max_bits > safe_max) {
-      alignas(64) float buf[kBlock];
       Sums counted_already;
-      load_block<Type, Masked>(shard, begin + offset, n, buf, counted_already);
+      if constexpr (kOnePass)
+        load_block<Type, Masked>(shard, begin + offset, n, buf, counted_already);
       add_block_powers_f64(buf, n, plan, sums);
     } else {
       sums.sum_p += block.sum_p;
       sums.sum_q += block.sum_q;
     }
-  }
-}
-
-// Exponents with lane-wise forms take the one-pass kernel; general exponents
-// (exp2/log2 per weight, compute-bound) decode a block first, then sum it.
-template <int32_t Type, bool Masked, class P, class Q>
-SAP_INLINE void range_sums_any(const Shard& shard, int64_t begin, int64_t length,
-                               const PowerPlan& plan, P pow_p, Q pow_q, Sums& sums) {
-  if constexpr (std::is_same_v<P, PowGeneral> || std::is_same_v<Q, PowGeneral>) {
-    range_sums<Type, Masked>(shard, begin, length, plan, pow_p, pow_q, sums);
-  } else {
-    range_sums_lanewise<Type, Masked>(shard, begin, length, plan, pow_p, pow_q, sums);
   }
 }
 
@@ -409,17 +402,14 @@ SAP_INLINE void range_sums_dispatch(const Shard& shard, int64_t begin, int64_t l
   const bool masked = shard.mask != nullptr;
   switch (shard.type) {
     case kFloat32:
-      return masked
-                 ? range_sums_any<kFloat32, true>(shard, begin, length, plan, pow_p, pow_q, sums)
-                 : range_sums_any<kFloat32, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+      return masked ? range_sums<kFloat32, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                    : range_sums<kFloat32, false>(shard, begin, length, plan, pow_p, pow_q, sums);
     case kBFloat16:
-      return masked
-                 ? range_sums_any<kBFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
-                 : range_sums_any<kBFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+      return masked ? range_sums<kBFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                    : range_sums<kBFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
     default:
-      return masked
-                 ? range_sums_any<kFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
-                 : range_sums_any<kFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
+      return masked ? range_sums<kFloat16, true>(shard, begin, length, plan, pow_p, pow_q, sums)
+                    : range_sums<kFloat16, false>(shard, begin, length, plan, pow_p, pow_q, sums);
   }
 }
 
