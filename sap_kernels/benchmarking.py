@@ -112,19 +112,51 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def median_time(
-    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: torch.device | str = "cpu"
+    fn: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    setup: Callable[[], object] | None = None,
 ) -> tuple[float, list[float]]:
-    """Median wall time in seconds over `repeats` runs after `warmup` runs."""
+    """Median time in seconds over `repeats` runs after `warmup` runs; `setup`
+    (untimed) runs before each. On CUDA each run is timed by a pair of CUDA
+    events on the current stream, which counts the GPU idling while the host
+    prepares launches; elsewhere by the wall clock."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     synchronize(device)
+    on_cuda = torch.device(device).type == "cuda"
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        if setup is not None:
+            setup()
+        if on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+def peak_cuda_growth(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak growth of allocated CUDA memory (bytes) while fn runs, its result included."""
+    synchronize(device)
+    gc.collect()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return max(0, peak - base)
 
 
 def _rss_bytes() -> int:
