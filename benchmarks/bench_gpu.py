@@ -19,7 +19,8 @@ weights, p = 0.5, q = 1):
                     kthvalue on the concatenation, then |w| > t (ties inexact)
   apply_masks_      sap_kernels.apply_masks_ per backend (masked runs only);
                     eager w.mul_(m) loop and torch._foreach_mul_
-Times are medians of --repeats runs (CUDA events on a GPU). GB/s counts the
+Times are medians of --repeats runs (CUDA events on a GPU; the PyTorch
+baselines a quarter of them, at least 3, and one if the first took 5 s). GB/s counts the
 bytes an op must read (weights, plus masks when masked). Peak extra memory is
 the growth of allocated GPU memory during one call, its outputs included; the
 target check subtracts the outputs of `prune` (new masks by design). A failing
@@ -144,7 +145,12 @@ class Runner:
             if check is not None:
                 row["error"] = check(result)
             del result
-            repeats = self.repeats if first < 5 else 1
+            # the PyTorch baselines get a quarter of the runs (at least 3), and
+            # a method whose first call took 5 s or more only that one
+            ours = method.startswith("sap_kernels") or op == "copy probe"
+            repeats = self.repeats if ours else max(3, self.repeats // 4)
+            if first >= 5:
+                repeats = 1
             seconds, times = median_time(fn, repeats, 0, self.device, setup)
             read = self.weight_bytes + (self.mask_bytes if op != "copy probe" else 0)
             row |= {"ms": seconds * 1e3, "runs": len(times), "bytes_read": read}

@@ -110,11 +110,11 @@ def markdown(result: dict) -> str:
         f"{m['date']}; torch {m['torch']}, triton {m['triton']}, CUDA runtime "
         f"{m.get('cuda_runtime')}, driver {m.get('driver')}; {result['params']:,} parameters in "
         f"{result['tensors']} LLM-shaped tensors; p={P}, q={Q}, k = {PRUNE_FRACTION:.0%} of the "
-        f"retained weights; medians of {result['repeats']} runs. Command: `{result['command']}`",
+        f"retained weights; median of the runs column. Command: `{result['command']}`",
         "",
-        "| dtype | masks | op | method | median ms | GB/s | % copy GB/s | × vs this op's "
+        "| dtype | masks | op | method | median ms | runs | GB/s | % copy GB/s | × vs this op's "
         "fastest PyTorch | peak extra MB | error | status |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for (dtype, masked), rows in _by_config(result["rows"]).items():
         copy = _find(rows, "copy probe", "device-to-device copy")
@@ -123,7 +123,7 @@ def markdown(result: dict) -> str:
             ms = r.get("ms")
             lines.append(
                 f"| {dtype} | {'50%' if masked else 'none'} | {r['op']} | {r['method']} "
-                f"| {_fmt(ms, '.3f')} | {_fmt(r.get('gb_per_s'), '.0f')} "
+                f"| {_fmt(ms, '.3f')} | {r.get('runs', '')} | {_fmt(r.get('gb_per_s'), '.0f')} "
                 f"| {_fmt(100 * r['gb_per_s'] / copy['gb_per_s'] if copy and ms else None, '.0f')} "
                 f"| {_fmt(best / ms if ms and best else None, '.1f')} "
                 f"| {_fmt(r.get('peak_extra_mb'), '.1f')} | {_fmt(r.get('error'), '.2g')} "
