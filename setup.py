@@ -43,8 +43,11 @@ def extension():
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-    for arch in os.environ.get("SAP_KERNELS_CUDA_ARCHS", "80;90").split(";"):
+    archs = os.environ.get("SAP_KERNELS_CUDA_ARCHS", "80;90").split(";")
+    for arch in archs:
         nvcc.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    # PTX of the newest target too, so that newer GPUs can JIT-compile it
+    nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     return CUDAExtension(
         sources=sources,
         extra_compile_args={"cxx": [*cxx, "-DSAP_KERNELS_WITH_CUDA"], "nvcc": nvcc},

@@ -13,25 +13,33 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+// Every op copies its shard table to the device and most read a result back
+// (to raise on NaN or infinity), so none can be captured in a CUDA graph;
+// the tag makes torch.compile(mode="reduce-overhead") run them outside one.
+static const std::vector<at::Tag> kTags = {at::Tag::cudagraph_unsafe};
+
 TORCH_LIBRARY(sap_kernels, m) {
   // float64 [units, 3]: (S_p, S_q, d) with S_r = sum over retained |w|^r and d
   // the retained count. Raises if a retained weight is NaN or infinite.
   m.def(
       "masked_power_sums(Tensor[] weights, Tensor?[] masks, float p, float q, "
-      "int scope) -> Tensor");
+      "int scope) -> Tensor",
+      kTags);
   // int64 [units, 65536]: histogram of 16-bit digits of the keys of retained
   // weights. pass_index 0 bins the high 16 bits (or the whole 16-bit key);
   // pass_index 1 bins the low 16 bits of keys whose high 16 bits equal
   // prefixes[unit]. scope is 0 or 1.
   m.def(
       "magnitude_histogram(Tensor[] weights, Tensor?[] masks, int scope, "
-      "int key_bits, Tensor prefixes, int pass_index) -> Tensor");
+      "int key_bits, Tensor prefixes, int pass_index) -> Tensor",
+      kTags);
   // int64 [rows, 2] for the neuron scope: (key of the ks[row]-th smallest
   // retained magnitude of the row, number of retained keys below it);
   // (-1, 0) where ks[row] == 0. ks must lie in [0, retained count of the row].
   m.def(
       "rowwise_kth_key(Tensor[] weights, Tensor?[] masks, int key_bits, "
-      "Tensor ks) -> Tensor");
+      "Tensor ks) -> Tensor",
+      kTags);
   // int64 [units, 4] for the global (0) or layer (1) scope, on CPU: per unit
   // (key of the k-th smallest retained magnitude, retained keys below it,
   // retained count, retained non-finite count), found in one pass over the
@@ -41,7 +49,8 @@ TORCH_LIBRARY(sap_kernels, m) {
   // magnitude_histogram). k has one entry per unit.
   m.def(
       "kth_key_by_sample(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, Tensor k, "
-      "int sample_size) -> Tensor");
+      "int sample_size) -> Tensor",
+      kTags);
   // prune_masks for the global or layer scope on CPU in one pass, choosing the
   // thresholds as kth_key_by_sample does (k = count): new contiguous bool
   // masks with each unit's count retained weights of smallest magnitude
@@ -51,28 +60,32 @@ TORCH_LIBRARY(sap_kernels, m) {
   // undefined.
   m.def(
       "prune_masks_by_sample(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, "
-      "Tensor count, int sample_size) -> (Tensor[], Tensor)");
+      "Tensor count, int sample_size) -> (Tensor[], Tensor)",
+      kTags);
   // prune_masks_by_sample in place: updates masks (one contiguous bool tensor
   // per weight, none sharing memory) and returns the status. Where any unit
   // fails (a miss, count out of range, NaN or infinity), every mask is left
   // as it was.
   m.def(
       "prune_masks_by_sample_(Tensor[] weights, Tensor(a!)[] masks, int scope, int key_bits, "
-      "Tensor count, int sample_size) -> Tensor");
+      "Tensor count, int sample_size) -> Tensor",
+      kTags);
   // New bool masks: retained weights with key < threshold_keys[unit] are
   // removed, and so are the first remove_equal[unit] retained weights with
   // key == threshold_keys[unit] in flat order. threshold_keys < 0 removes
   // nothing from that unit.
   m.def(
       "prune_masks(Tensor[] weights, Tensor?[] masks, int scope, int key_bits, "
-      "Tensor threshold_keys, Tensor remove_equal) -> Tensor[]");
+      "Tensor threshold_keys, Tensor remove_equal) -> Tensor[]",
+      kTags);
   // prune_masks written over masks (one contiguous bool tensor per weight,
   // none sharing memory); on an error every mask is left as it was.
   m.def(
       "prune_masks_(Tensor[] weights, Tensor(a!)[] masks, int scope, int key_bits, "
-      "Tensor threshold_keys, Tensor remove_equal) -> ()");
+      "Tensor threshold_keys, Tensor remove_equal) -> ()",
+      kTags);
   // weights[i] *= masks[i] for every shard, in one pass.
-  m.def("apply_masks_(Tensor(a!)[] weights, Tensor[] masks) -> ()");
+  m.def("apply_masks_(Tensor(a!)[] weights, Tensor[] masks) -> ()", kTags);
 }
 
 // The Python module only anchors the shared library; every op is reached

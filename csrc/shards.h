@@ -3,8 +3,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "kernel_types.h"
@@ -117,6 +119,23 @@ inline void make_segments(const ShardTable& table, int64_t scope, int64_t target
   }
   if (chunk_starts.back() != static_cast<int64_t>(segments.size()))
     chunk_starts.push_back(static_cast<int64_t>(segments.size()));
+}
+
+// Masks written where they are must be contiguous and must not share memory
+// (a weight would be pruned twice).
+inline void check_masks_in_place(at::TensorList masks, const char* op) {
+  std::vector<std::pair<const char*, size_t>> starts;
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK_VALUE(masks[i].is_contiguous(), op, ": masks[", i,
+                      "] must be contiguous (it is updated in place)");
+    if (masks[i].numel() > 0) starts.emplace_back(static_cast<const char*>(masks[i].data_ptr()), i);
+  }
+  std::sort(starts.begin(), starts.end());
+  for (size_t j = 1; j < starts.size(); ++j) {
+    const auto [previous, i] = starts[j - 1];
+    TORCH_CHECK_VALUE(previous + masks[i].numel() <= starts[j].first, op, ": masks[", i,
+                      "] and masks[", starts[j].second, "] share memory");
+  }
 }
 
 }  // namespace sap_kernels

@@ -209,14 +209,19 @@ def prune_masks_by_sample_(backend: str, weights, masks, scope, key_bits, count,
 
 
 def has_in_place_prune(backend: str) -> bool:
-    """Whether `backend` writes pruned masks over the old ones (prune_masks_ and
-    prune_masks_by_sample_); others build new masks that prune_ copies back."""
-    return backend == "cpu"
+    """Whether `backend` writes pruned masks over the old ones (prune_masks_;
+    on CPU also prune_masks_by_sample_); the reference backend builds new masks
+    that prune_ copies back."""
+    return backend in ("cpu", "cuda", "triton")
 
 
 def prune_masks_(backend: str, weights, masks, scope, key_bits, threshold_keys, remove_equal):
     if not has_in_place_prune(backend):
         raise NotImplementedError(f"prune_masks_ has no {backend!r} kernel")
+    if backend == "triton":
+        return _triton_ops().prune_masks_(
+            weights, masks, scope, key_bits, threshold_keys, remove_equal
+        )
     torch.ops.sap_kernels.prune_masks_(
         weights, masks, scope, key_bits, threshold_keys, remove_equal
     )

@@ -79,3 +79,20 @@ def test_pqi_in_compiled_training_step(generator):
     assert all(bool((p[~m] == 0).all()) for p, m in zip(params, masks))
     want = sap_kernels.pqi(model, masks, scope="layer", backend="reference")
     torch.testing.assert_close(value, want, rtol=0, atol=1e-6)
+
+
+def test_ops_are_tagged_cudagraph_unsafe():
+    """Each op uploads a table and most read a result back: torch.compile's
+    CUDA graphs must run them outside a graph."""
+    import sap_kernels
+
+    if not sap_kernels.has_extension():
+        pytest.skip("the compiled extension is not built")
+    names = [
+        "masked_power_sums", "magnitude_histogram", "rowwise_kth_key", "kth_key_by_sample",
+        "prune_masks_by_sample", "prune_masks_by_sample_", "prune_masks", "prune_masks_",
+        "apply_masks_",
+    ]  # fmt: skip
+    for name in names:
+        tags = getattr(torch.ops.sap_kernels, name).default.tags
+        assert torch.Tag.cudagraph_unsafe in tags, name

@@ -57,7 +57,8 @@ def unit_magnitudes(weights, masks, scope: str) -> list[torch.Tensor]:
         return [w.double().abs().flatten()[m.flatten()] for w, m in zip(weights, masks)]
     units = []
     for w, m in zip(weights, masks):
-        a, keep = w.double().abs().reshape(rows_of(w), -1), m.reshape(rows_of(w), -1)
+        shape = (rows_of(w), w.numel() // max(rows_of(w), 1))  # -1 is ambiguous for 0 rows
+        a, keep = w.double().abs().reshape(shape), m.reshape(shape)
         units.extend(a[r][keep[r]] for r in range(a.shape[0]))
     return units
 
@@ -374,3 +375,20 @@ def test_opcheck_selection_ops(generator):
     torch.library.opcheck(ops.magnitude_histogram, (weights, masks, 0, 32, prefixes, 1))
     ks = torch.tensor([1, 0, 1, 1, 1, 1, 0, 1, 1], dtype=torch.int64)
     torch.library.opcheck(ops.rowwise_kth_key, (weights, masks, 32, ks))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neuron_scope_with_masked_tensors_of_no_rows(backend, generator):
+    """Masked (0, 4) and (0,) weights add no rows (counting the rows' retained
+    weights once failed on them: reshape(0, -1) is ambiguous)."""
+    shapes = [(0, 4), (3, 5), (0,), (2, 1)]
+    weights = [random_weights(s, torch.float32, "ties", generator) for s in shapes]
+    masks = [random_mask(s, 0.5, generator) for s in shapes]
+    masks[1][:, 2] = True  # every row keeps a weight: k >= 1 is valid
+    masks[3][:] = True
+    retained = retained_counts(weights, masks, "neuron")
+    assert retained.numel() == 5
+    check_threshold(weights, masks, random_ks(retained, generator), "neuron", backend)
+    got = sap_kernels.prune(weights, masks, retained // 2, scope="neuron", backend=backend)
+    want = reference.prune_by_stable_sort(weights, masks, retained // 2, "neuron")
+    assert all(torch.equal(g.cpu(), w.cpu()) for g, w in zip(got, want))

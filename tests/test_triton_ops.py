@@ -172,6 +172,32 @@ class OpChecks:
         for g, w, weight in zip(got, want, weights):
             assert g.dtype == torch.bool and g.shape == weight.shape
             assert torch.equal(g.cpu(), w.cpu())
+        # prune_masks_: the same masks, written over full copies of the old ones
+        work = [
+            torch.ones_like(w, dtype=torch.bool) if m is None else m.clone()
+            for w, m in zip(weights, masks)
+        ]
+        pointers = [m.data_ptr() for m in work]
+        assert self.run("prune_masks_", weights, work, *args) is None
+        assert [m.data_ptr() for m in work] == pointers
+        for g, w in zip(work, want):
+            assert torch.equal(g.cpu(), w.cpu())
+
+    def test_prune_masks_in_place_rejects_bad_masks(self):
+        weights = [torch.randn(4, 6, device=self.device), torch.randn(6, device=self.device)]
+        everything = reference.magnitude_keys(torch.tensor([1e30]), 32).to(self.device)
+        args = (GLOBAL, 32, everything, torch.zeros(1, dtype=torch.int64, device=self.device))
+        storage = torch.ones(30, dtype=torch.bool, device=self.device)
+        transposed = torch.ones(6, 4, dtype=torch.bool, device=self.device).t()
+        cases = [
+            ([storage[:24].view(4, 6), storage[20:26]], r"masks\[0\] and masks\[1\] share memory"),
+            ([transposed, storage[24:]], r"masks\[0\] must be contiguous"),
+            ([storage[:24].view(4, 6)], "got 1 masks for 2 weights"),
+        ]
+        for masks, message in cases:
+            with pytest.raises(ValueError, match=message):
+                self.run("prune_masks_", weights, masks, *args)
+            assert bool(storage.all()) and bool(transposed.all())  # nothing written
 
     # --- apply_masks_ ----------------------------------------------------------
 
@@ -223,7 +249,7 @@ def test_triton_backend_end_to_end(scope, dtype):
     import sap_kernels
 
     device = TestTritonOps.device
-    shapes = NEURON_SHAPES[:-1] if scope == "neuron" else SHAPES
+    shapes = NEURON_SHAPES if scope == "neuron" else SHAPES
     weights, masks = make_inputs(shapes, dtype, True, 60, device)
     code = {"global": GLOBAL, "layer": LAYER, "neuron": NEURON}[scope]
     retained = retained_counts(weights, masks, code)

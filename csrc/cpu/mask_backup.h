@@ -75,23 +75,6 @@ class MaskBackup {
   std::unique_ptr<uint16_t[]> bits_;
 };
 
-// Masks written where they are must be contiguous and must not share memory
-// (a weight would be pruned twice).
-inline void check_masks_in_place(at::TensorList masks, const char* op) {
-  std::vector<std::pair<const char*, size_t>> starts;
-  for (size_t i = 0; i < masks.size(); ++i) {
-    TORCH_CHECK_VALUE(masks[i].is_contiguous(), op, ": masks[", i,
-                      "] must be contiguous (it is updated in place)");
-    if (masks[i].numel() > 0) starts.emplace_back(static_cast<const char*>(masks[i].data_ptr()), i);
-  }
-  std::sort(starts.begin(), starts.end());
-  for (size_t j = 1; j < starts.size(); ++j) {
-    const auto [previous, i] = starts[j - 1];
-    TORCH_CHECK_VALUE(previous + masks[i].numel() <= starts[j].first, op, ": masks[", i,
-                      "] and masks[", starts[j].second, "] share memory");
-  }
-}
-
 // The optional masks of a table built from in-place masks.
 inline c10::List<std::optional<at::Tensor>> optional_masks(at::TensorList masks) {
   c10::List<std::optional<at::Tensor>> list;

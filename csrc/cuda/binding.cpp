@@ -79,10 +79,15 @@ class DeviceTables {
       std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(T));
     return offset;
   }
+  // From pinned memory without blocking: a copy from pageable memory would wait
+  // for the stream to drain. The host allocator keeps the pinned block until
+  // the copy has run (it records an event on the stream).
   void upload(const at::Device& device) {
-    at::Tensor host = at::empty({int64_t(std::max<size_t>(bytes_.size(), 1))}, at::kByte);
+    const int64_t size = int64_t(std::max<size_t>(bytes_.size(), 1));
+    at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(host.data_ptr<uint8_t>(), bytes_.data(), bytes_.size());
-    device_ = host.to(device);
+    device_ = at::empty({size}, at::TensorOptions().dtype(at::kByte).device(device));
+    device_.copy_(host, /*non_blocking=*/true);
   }
   template <class T>
   T* pointer(size_t offset) const {
@@ -224,27 +229,17 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
   return result;
 }
 
-std::vector<at::Tensor> prune_masks_cuda(at::TensorList weights, const OptionalTensors& masks,
-                                         int64_t scope, int64_t key_bits,
-                                         const at::Tensor& threshold_keys,
-                                         const at::Tensor& remove_equal) {
-  constexpr const char* op = "prune_masks";
-  const ShardTable table = make_shard_table(weights, masks, scope, op);
-  check_on_cuda(weights, op);
-  check_key_bits(table, key_bits, op);
-  TORCH_CHECK_VALUE(threshold_keys.numel() == table.num_units, op, ": threshold_keys has ",
-                    threshold_keys.numel(), " entries for ", table.num_units, " units");
-  TORCH_CHECK_VALUE(remove_equal.numel() == table.num_units, op, ": remove_equal has ",
-                    remove_equal.numel(), " entries for ", table.num_units, " units");
+// Writes the pruned masks to output_pointers[i] (one bool array per weight,
+// laid out like the contiguous weight). An output may be the weight's own mask:
+// each element's mask is read and written by the same thread, in one tile.
+void prune_into(at::TensorList weights, const ShardTable& table, int64_t scope, int64_t key_bits,
+                const at::Tensor& threshold_keys, const at::Tensor& remove_equal,
+                const std::vector<uint8_t*>& output_pointers, const char* op) {
   const at::Device device = weights[0].device();
   Launch launch(device);
-  std::vector<at::Tensor> outputs;
-  std::vector<uint8_t*> output_pointers;
-  for (const at::Tensor& w : weights) {
-    outputs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
-    output_pointers.push_back(reinterpret_cast<uint8_t*>(outputs.back().data_ptr<bool>()));
-  }
   const HostPieces pieces = make_pieces(table, scope, kPrunePiece);
+  const int64_t count = int64_t(pieces.segments.size());
+  if (count == 0) return;
   DeviceTables tables;
   const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
   const size_t output_table = tables.add(output_pointers);
@@ -253,8 +248,6 @@ std::vector<at::Tensor> prune_masks_cuda(at::TensorList weights, const OptionalT
   const PieceTable pieces_on_device = piece_table(tables, shards, segments, pieces, scope);
   const at::Tensor thresholds = threshold_keys.to(device, at::kLong).contiguous();
   const at::Tensor quotas = remove_equal.to(device, at::kLong).contiguous();
-  const int64_t count = int64_t(pieces.segments.size());
-  if (count == 0) return outputs;
   at::Tensor equal_counts = at::empty({count}, weights[0].options().dtype(at::kLong));
   check_launch(launch_count_equal(pieces_on_device, int(key_bits), thresholds.data_ptr<int64_t>(),
                                   quotas.data_ptr<int64_t>(), equal_counts.data_ptr<int64_t>(),
@@ -270,7 +263,61 @@ std::vector<at::Tensor> prune_masks_cuda(at::TensorList weights, const OptionalT
                                   quotas.data_ptr<int64_t>(), equal_before.data_ptr<int64_t>(),
                                   tables.pointer<uint8_t* const>(output_table), launch.stream),
                op);
+}
+
+ShardTable checked_prune_table(at::TensorList weights, const OptionalTensors& masks, int64_t scope,
+                               int64_t key_bits, const at::Tensor& threshold_keys,
+                               const at::Tensor& remove_equal, const char* op) {
+  ShardTable table = make_shard_table(weights, masks, scope, op);
+  check_on_cuda(weights, op);
+  check_key_bits(table, key_bits, op);
+  TORCH_CHECK_VALUE(threshold_keys.numel() == table.num_units, op, ": threshold_keys has ",
+                    threshold_keys.numel(), " entries for ", table.num_units, " units");
+  TORCH_CHECK_VALUE(remove_equal.numel() == table.num_units, op, ": remove_equal has ",
+                    remove_equal.numel(), " entries for ", table.num_units, " units");
+  return table;
+}
+
+std::vector<at::Tensor> prune_masks_cuda(at::TensorList weights, const OptionalTensors& masks,
+                                         int64_t scope, int64_t key_bits,
+                                         const at::Tensor& threshold_keys,
+                                         const at::Tensor& remove_equal) {
+  constexpr const char* op = "prune_masks";
+  const ShardTable table =
+      checked_prune_table(weights, masks, scope, key_bits, threshold_keys, remove_equal, op);
+  std::vector<at::Tensor> outputs;
+  std::vector<uint8_t*> output_pointers;
+  for (const at::Tensor& w : weights) {
+    outputs.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
+    output_pointers.push_back(reinterpret_cast<uint8_t*>(outputs.back().data_ptr<bool>()));
+  }
+  prune_into(weights, table, scope, key_bits, threshold_keys, remove_equal, output_pointers, op);
+  // Masks with the weights' strides, as the fake (empty_like) promises.
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (weights[i].is_contiguous()) continue;
+    at::Tensor like = at::empty_like(weights[i], weights[i].options().dtype(at::kBool));
+    if (!like.is_contiguous()) outputs[i] = like.copy_(outputs[i]);
+  }
   return outputs;
+}
+
+// prune_masks written over the masks. Every check runs before the first write,
+// and the kernels cannot fail on valid input, so an error changes nothing.
+void prune_masks_in_place_cuda(at::TensorList weights, at::TensorList masks, int64_t scope,
+                               int64_t key_bits, const at::Tensor& threshold_keys,
+                               const at::Tensor& remove_equal) {
+  constexpr const char* op = "prune_masks_";
+  TORCH_CHECK_VALUE(masks.size() == weights.size(), op, ": got ", masks.size(), " masks for ",
+                    weights.size(), " weights");
+  OptionalTensors mask_list;
+  for (const at::Tensor& mask : masks) mask_list.push_back(mask);
+  const ShardTable table =
+      checked_prune_table(weights, mask_list, scope, key_bits, threshold_keys, remove_equal, op);
+  check_masks_in_place(masks, op);
+  std::vector<uint8_t*> output_pointers;
+  for (const at::Tensor& mask : masks)
+    output_pointers.push_back(reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()));
+  prune_into(weights, table, scope, key_bits, threshold_keys, remove_equal, output_pointers, op);
 }
 
 void apply_masks_cuda(at::TensorList weights, at::TensorList masks) {
@@ -307,6 +354,7 @@ TORCH_LIBRARY_IMPL(sap_kernels, CUDA, m) {
   m.impl("magnitude_histogram", &magnitude_histogram_cuda);
   m.impl("rowwise_kth_key", &rowwise_kth_key_cuda);
   m.impl("prune_masks", &prune_masks_cuda);
+  m.impl("prune_masks_", &prune_masks_in_place_cuda);
   m.impl("apply_masks_", &apply_masks_cuda);
 }
 

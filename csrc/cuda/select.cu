@@ -63,17 +63,23 @@ struct HistogramBody {
 
 // histogram[u][digit] += #{retained i in piece, unit u, with that digit}.
 // Integer atomics only, so the counts are exact and the same every run.
-__global__ void __launch_bounds__(kHistogramThreads)
+// Without the 128 KiB of shared counters (GPUs that grant less, launched with
+// no dynamic shared memory) every piece counts in global memory.
+// One block per SM (the shared counters take most of an SM): the bound lets
+// ptxas use more than 32 registers, which avoids spills in the loop.
+__global__ void __launch_bounds__(kHistogramThreads, 1)
     histogram_kernel(PieceTable table, int key_bits, int pass_index, const int64_t* prefixes,
-                     unsigned long long* histogram) {
+                     unsigned long long* histogram, bool shared_counters) {
   extern __shared__ uint32_t shared_words[];
-  for (int i = threadIdx.x; i < kSharedWords; i += blockDim.x) shared_words[i] = 0;
+  if (shared_counters) {
+    for (int i = threadIdx.x; i < kSharedWords; i += blockDim.x) shared_words[i] = 0;
+  }
   __syncthreads();
   for (int64_t s = blockIdx.x; s < table.num_segments; s += gridDim.x) {
     const Segment seg = table.segments[s];
     const Shard shard = table.shards[seg.shard];
     const int64_t unit = unit_of(shard, seg, table.scope);
-    const bool use_shared = seg.length >= kSharedHistogramMin;
+    const bool use_shared = shared_counters && seg.length >= kSharedHistogramMin;
     HistogramVisit visit{key_bits, pass_index, uint32_t(prefixes[unit]),
                          use_shared ? shared_words : nullptr, histogram + unit * kBins};
     HistogramBody body{shard, seg, visit};
@@ -190,11 +196,20 @@ cudaError_t launch_magnitude_histogram(const PieceTable& table, int key_bits, in
                                        cudaStream_t stream) {
   if (table.num_segments == 0) return cudaSuccess;
   constexpr int shared_bytes = kSharedWords * sizeof(uint32_t);
-  cudaError_t error = cudaFuncSetAttribute(
-      histogram_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
+  int device = 0, granted = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error == cudaSuccess)
+    error = cudaDeviceGetAttribute(&granted, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (error != cudaSuccess) return error;
-  histogram_kernel<<<grid_for(table.num_segments, 1), kHistogramThreads, shared_bytes, stream>>>(
-      table, key_bits, pass_index, prefixes, histogram);
+  const bool shared_counters = granted >= shared_bytes;  // 227 KiB on sm_90, 99 KiB on sm_89
+  if (shared_counters) {
+    error = cudaFuncSetAttribute(histogram_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 shared_bytes);
+    if (error != cudaSuccess) return error;
+  }
+  histogram_kernel<<<grid_for(table.num_segments, 1), kHistogramThreads,
+                     shared_counters ? shared_bytes : 0, stream>>>(
+      table, key_bits, pass_index, prefixes, histogram, shared_counters);
   return cudaGetLastError();
 }
 

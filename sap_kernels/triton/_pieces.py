@@ -159,6 +159,23 @@ def _base_and_offsets(views: list[torch.Tensor | None]):
     return views[base], offsets
 
 
+def check_masks_in_place(op: str, masks) -> None:
+    """Masks written where they are must be contiguous and must not share
+    memory (a weight would be pruned twice); the messages of csrc/shards.h."""
+    spans = []
+    for i, m in enumerate(masks):
+        if m is None:
+            raise ValueError(f"{op}: masks[{i}] is None")
+        if not m.is_contiguous():
+            raise ValueError(f"{op}: masks[{i}] must be contiguous (it is updated in place)")
+        if m.numel() > 0 and not tracing([m]):
+            spans.append((m.data_ptr(), m.numel(), i))
+    spans.sort()
+    for (start, length, i), (next_start, _, j) in zip(spans, spans[1:]):
+        if start + length > next_start:
+            raise ValueError(f"{op}: masks[{i}] and masks[{j}] share memory")
+
+
 def bit_views(weights) -> list[torch.Tensor]:
     """Each weight as flat raw bits (int32 / int16), contiguous."""
     return [w.detach().contiguous().view(BITS_DTYPES[w.dtype]).reshape(-1) for w in weights]

@@ -29,6 +29,7 @@ from ._pieces import (
     byte_views,
     check_inputs,
     check_key_bits,
+    check_masks_in_place,
     first_bad_tensor,
     make_groups,
     make_pieces,
@@ -229,6 +230,33 @@ def _prune_masks(
 ) -> list[torch.Tensor]:
     op = "prune_masks"
     masks = check_inputs(op, weights, masks, scope)
+    outputs = [torch.empty(w.shape, dtype=torch.bool, device=w.device) for w in weights]
+    _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equal, outputs)
+    return outputs
+
+
+@triton_op("sap_kernels::triton_prune_masks_", mutates_args={"masks"})
+def _prune_masks_in_place(
+    weights: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    scope: int,
+    key_bits: int,
+    threshold_keys: torch.Tensor,
+    remove_equal: torch.Tensor,
+) -> None:
+    """prune_masks written over the masks. Every check runs before the first
+    write, and a piece's mask bytes are loaded before its block is stored."""
+    op = "prune_masks_"
+    if len(masks) != len(weights):
+        raise ValueError(f"{op}: got {len(masks)} masks for {len(weights)} weights")
+    checked = check_inputs(op, weights, masks, scope)
+    check_masks_in_place(op, masks)
+    _prune_into(op, weights, checked, scope, key_bits, threshold_keys, remove_equal, list(masks))
+
+
+def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equal, outputs):
+    """Writes the pruned masks into `outputs` (contiguous bool tensors, one per
+    weight; an output may be that weight's own mask)."""
     check_key_bits(op, weights, key_bits)
     device = weights[0].device
     trace = tracing(list(weights))
@@ -240,7 +268,6 @@ def _prune_masks(
                 f"{op}: {name} has {values.numel()} entries for {pieces.num_units} units"
             )
     groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
-    outputs = [torch.empty(w.shape, dtype=torch.bool, device=device) for w in weights]
     out_views = [o.view(torch.uint8).reshape(-1) for o in outputs]
     threshold_keys = threshold_keys.to(device=device, dtype=torch.int64).contiguous()
     remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
@@ -272,7 +299,6 @@ def _prune_masks(
             group.chunk_starts, threshold_keys, remove_equal, equal_before,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=BLOCK,
         )  # fmt: skip
-    return outputs
 
 
 @triton_op("sap_kernels::triton_apply_masks_", mutates_args={"weights"})
@@ -331,6 +357,13 @@ def prune_masks(weights, masks, scope, key_bits, threshold_keys, remove_equal):
         weights, _mask_list(weights, masks), int(scope), int(key_bits), threshold_keys,
         remove_equal,
     )  # fmt: skip
+
+
+def prune_masks_(weights, masks, scope, key_bits, threshold_keys, remove_equal) -> None:
+    """prune_masks written over `masks` (contiguous, not sharing memory)."""
+    _prune_masks_in_place(
+        list(weights), list(masks), int(scope), int(key_bits), threshold_keys, remove_equal
+    )
 
 
 def apply_masks_(weights, masks) -> None:
