@@ -143,6 +143,11 @@ def resolve_backend(backend: str, weights: list[torch.Tensor]) -> str:
             _triton_ops()
         except ImportError as error:
             raise RuntimeError(f"backend='triton' is unavailable: {error}") from error
+        if device.type != "cuda" and "triton" not in available_backends(device):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 with a Triton "
+                f"whose interpreter runs the kernels), got tensors on {device}"
+            )
     return backend
 
 

@@ -73,7 +73,7 @@ class OpChecks:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
         assert torch.equal(got[:, 2], want[:, 2])
 
-    @pytest.mark.parametrize("p,q", [(0.7, 1.3), (1.0, 2.0), (2.0, 3.0), (0.25, 4.5)])
+    @pytest.mark.parametrize("p,q", [(0.7, 1.3), (1.0, 2.0), (2.0, 3.0), (0.25, 4.5), (0.05, 0.09)])
     def test_power_sums_exponents(self, p, q):
         weights, masks = make_inputs(SHAPES, torch.float32, True, 3, self.device)
         weights.append(make_inputs([(300,)], torch.bfloat16, False, 4, self.device)[0][0])
@@ -238,6 +238,30 @@ class TestTritonOps(OpChecks):
         from sap_kernels.triton import ops as triton_ops
 
         return getattr(triton_ops, name)(*args)
+
+
+def test_exponents_reach_the_kernels_as_float64():
+    """Triton passes a Python float argument as float32 unless annotated; on the
+    GPU p = 0.7 would become 0.699999988 (the interpreter keeps the double)."""
+    pytest.importorskip("triton")
+    import inspect
+
+    from sap_kernels.triton import kernels
+
+    for kernel in (kernels.power_sums_kernel, kernels.short_rows_power_sums_kernel):
+        parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+        for name in ("p", "q"):
+            assert "float64" in str(parameters[name].annotation), (kernel, name)
+
+
+def test_triton_backend_on_cpu_tensors_without_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    import sap_kernels
+    from sap_kernels import ops
+
+    monkeypatch.setattr(ops, "available_backends", lambda device: ["cpu", "reference"])
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        sap_kernels.pqi([torch.randn(10)], backend="triton")
 
 
 @pytest.mark.parametrize("scope", ["global", "layer", "neuron"])

@@ -82,7 +82,12 @@ def to_device(values: np.ndarray, device, trace: bool) -> torch.Tensor:
     """An int64 host table on `device` (a constant of the graph when tracing)."""
     if trace:
         return torch.tensor(values.tolist(), dtype=torch.int64, device=device)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
+    host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    # from pinned memory without blocking (a pageable copy waits for the stream
+    # to drain); the host allocator keeps the pinned block until the copy ran
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:

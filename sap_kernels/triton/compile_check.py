@@ -40,7 +40,7 @@ def _variants():
         yield (
             f"power_sums[{weight_type}]",
             kernels.power_sums_kernel,
-            {**common, "chunk_starts": I64, "partials": "*fp64", "p": "fp32", "q": "fp32",
+            {**common, "chunk_starts": I64, "partials": "*fp64", "p": "fp64", "q": "fp64",
              "safe_min": "fp32", "safe_max": "fp32"},
             {"WEIGHT_TYPE": weight_type, "P_KIND": p_kind, "Q_KIND": q_kind,
              "P_INT": 3 if p_kind == kernels.POW_INT else 0, "Q_INT": 0, "ALIGNED": True,
@@ -84,7 +84,7 @@ def _variants():
         "short_rows_power_sums",
         kernels.short_rows_power_sums_kernel,
         {"weight_bits": "*i16", "mask_bytes": "*u8", "mask_begin": "i64", "num_rows": "i64",
-         "row_length": "i64", "first_piece": "i64", "partials": "*fp64", "p": "fp32", "q": "fp32",
+         "row_length": "i64", "first_piece": "i64", "partials": "*fp64", "p": "fp64", "q": "fp64",
          "safe_min": "fp32", "safe_max": "fp32"},
         {"WEIGHT_TYPE": kernels.BFLOAT16, "P_KIND": kernels.POW_HALF, "Q_KIND": kernels.POW_ONE,
          "P_INT": 0, "Q_INT": 0, "ROWS": 16, "COLUMNS": 256},

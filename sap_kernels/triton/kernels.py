@@ -96,10 +96,11 @@ def _power(x, r, KIND: tl.constexpr, INT_EXPONENT: tl.constexpr):
     y = r * (e + log2 m) in float64 so the exponent's integer part costs no
     precision, then 2^y = 2^frac(y) * 2^n1 * 2^n2 (two float32 scale factors
     reach subnormals and overflow to inf like the CPU kernel). r arrives as a
-    float32 scalar on the GPU: |w|^r is then off by |dr * ln|w|| ~ 1e-7 relative.
+    float64 scalar (the kernels annotate p and q as tl.float64: as float32 they
+    would put an error of |dr * ln|w|| ~ 1e-7 relative on every power).
     INT_EXPONENT is r for KIND == POW_INT (a compile-time constant)."""
     if KIND == 0:
-        result = tl.sqrt(x)
+        result = tl.sqrt_rn(x)  # tl.sqrt is sqrt.approx.ftz on the GPU
     elif KIND == 1:
         result = x
     elif KIND == 2:
@@ -168,8 +169,8 @@ def power_sums_kernel(
     pieces,
     chunk_starts,
     partials,
-    p,
-    q,
+    p: tl.float64,
+    q: tl.float64,
     safe_min,
     safe_max,
     WEIGHT_TYPE: tl.constexpr,
@@ -259,7 +260,9 @@ def power_sums_kernel(
         tl.store(out + 3, tl.sum(nonfinite, axis=0).to(tl.float64))
 
 
-@triton.jit
+# Per-value specialisation of these ints (== 1, % 16) would compile a variant
+# for each tensor's shape; they are plain runtime values.
+@triton.jit(do_not_specialize=["mask_begin", "num_rows", "row_length", "first_piece"])
 def short_rows_power_sums_kernel(
     weight_bits,
     mask_bytes,
@@ -268,8 +271,8 @@ def short_rows_power_sums_kernel(
     row_length,
     first_piece,
     partials,
-    p,
-    q,
+    p: tl.float64,
+    q: tl.float64,
     safe_min,
     safe_max,
     WEIGHT_TYPE: tl.constexpr,
@@ -286,7 +289,7 @@ def short_rows_power_sums_kernel(
     iteration per row). Each row's powers are summed in float64; a tile whose
     largest magnitude is outside [safe_min, safe_max] takes float64 powers.
     mask_begin is 0, or -16 when the tensor has no mask."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     columns = tl.arange(0, COLUMNS)
     valid = (rows[:, None] < num_rows) & (columns[None, :] < row_length)
     offsets = rows[:, None].to(tl.int64) * row_length + columns[None, :]
@@ -333,11 +336,11 @@ def reduce_partials_kernel(partials, unit_starts, out, BLOCK: tl.constexpr):
     tl.store(out + unit * 3 + 2, tl.sum(acc_d, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_units"])
 def reduce_many_units_kernel(partials, unit_starts, out, num_units, UNITS: tl.constexpr):
     """As reduce_partials_kernel for UNITS units per program (neuron scope: most
     units are one piece): unit u adds its pieces one after another in order."""
-    units = tl.program_id(0) * UNITS + tl.arange(0, UNITS)
+    units = tl.program_id(0).to(tl.int64) * UNITS + tl.arange(0, UNITS)
     in_range = units < num_units
     first = tl.load(unit_starts + units, mask=in_range, other=0)
     count = tl.load(unit_starts + units + 1, mask=in_range, other=0) - first

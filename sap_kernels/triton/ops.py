@@ -44,9 +44,30 @@ def _launcher(kernel):
     TRITON_INTERPRET=1 a kernel is an InterpretedFunction, which torch 2.11's
     wrap_triton rejects (2.13's accepts); the eager launch then goes unwrapped."""
     try:
-        return wrap_triton(kernel)
+        return _OnTensorsDevice(wrap_triton(kernel))
     except RuntimeError:
         return kernel
+
+
+class _OnTensorsDevice:
+    """Launches on the device (and its current stream) of the first tensor
+    argument: Triton launches on the current CUDA device, which need not be the
+    tensors' (cuda:1 with device 0 current). Compiled graphs set their own guard."""
+
+    def __init__(self, launcher):
+        self.launcher = launcher
+
+    def __getitem__(self, grid):
+        launch = self.launcher[grid]
+
+        def run(*args, **kwargs):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            if device.type != "cuda" or torch.compiler.is_compiling():
+                return launch(*args, **kwargs)
+            with torch.cuda.device(device):
+                return launch(*args, **kwargs)
+
+        return run
 
 
 # A piece holds at most PIECE_ELEMENTS weights (so a lane sums at most
@@ -106,8 +127,9 @@ def _masked_power_sums(
     groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device, set(short))
     # Tiles whose largest |w| lies outside [2^(-100/q), 2^(100/q)] are summed
     # in float64 (their float32 powers could overflow or underflow).
-    safe_max = min(2.0 ** (100.0 / q), FLOAT32_MAX)
-    safe_min = max(2.0 ** (-100.0 / q), FLOAT32_TINY)
+    # (the exponents are capped first: 2.0 ** 1024 overflows for q < 0.0977)
+    safe_max = min(2.0 ** min(100.0 / q, 128.0), FLOAT32_MAX)
+    safe_min = max(2.0 ** max(-100.0 / q, -126.0), FLOAT32_TINY)
     partials = torch.zeros((pieces.count, 4), dtype=torch.float64, device=device)
     kinds = dict(
         P_KIND=_power_kind(p), Q_KIND=_power_kind(q),

@@ -23,7 +23,8 @@ def _add_digits(bits, keep, prefix, bins, ones, WEIGHT_TYPE, KEY_BITS, PASS_INDE
     else:
         keep = keep & ((key >> 16) == prefix)
         digit = key & 0xFFFF
-    tl.atomic_add(bins + digit, ones, mask=keep)
+    # relaxed: the counts are read only by later launches on the stream
+    tl.atomic_add(bins + digit, ones, mask=keep, sem="relaxed")
 
 
 @triton.jit
@@ -95,7 +96,7 @@ def rowwise_kth_kernel(
     cumulative count reaches the remaining rank is appended to the prefix and
     the counts of smaller digits are added to `below`. nonfinite[row] counts
     retained NaN/inf keys (found in the first pass, which runs even when k = 0)."""
-    index = tl.program_id(0)
+    index = tl.program_id(0).to(tl.int64)  # one program per row: may pass 2^31 / 5
     row = pieces + index * 5
     begin = tl.load(row)
     length = tl.load(row + 1)
