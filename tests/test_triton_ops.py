@@ -164,7 +164,13 @@ class OpChecks:
         generator = torch.Generator().manual_seed(41)
         thresholds = keys[torch.randint(0, keys.numel(), (units,), generator=generator)]
         thresholds[0] = -1
-        remove_equal = torch.randint(0, 5, (units,), generator=generator)
+        # quotas up to each unit's ties (more raises, as on the CPU)
+        zeros = torch.zeros(units, dtype=torch.int64)
+        keep_at = reference.prune_masks(weights, masks, scope, key_bits, thresholds, zeros)
+        higher = torch.where(thresholds >= 0, thresholds + 1, thresholds)
+        keep_above = reference.prune_masks(weights, masks, scope, key_bits, higher, zeros)
+        ties = retained_counts(weights, [a & ~b for a, b in zip(keep_at, keep_above)], scope)
+        remove_equal = (torch.rand(units, generator=generator) * (ties + 1)).long()
         args = (scope, key_bits, thresholds.to(self.device), remove_equal.to(self.device))
         got = self.run("prune_masks", weights, masks, *args)
         want = reference.prune_masks(weights, masks, *args)
@@ -182,6 +188,44 @@ class OpChecks:
         assert [m.data_ptr() for m in work] == pointers
         for g, w in zip(work, want):
             assert torch.equal(g.cpu(), w.cpu())
+
+    @pytest.mark.parametrize("scope", [GLOBAL, LAYER, NEURON])
+    def test_prune_masks_rejects_bad_thresholds_and_quotas(self, scope):
+        """As the CPU op: a threshold above 32 bits, a negative quota or one above
+        the unit's ties raise, and prune_masks_ writes nothing then."""
+        weights, masks = make_inputs([(6, 5), (7,), (2, 9)], torch.float32, True, 45, self.device)
+        units = reference.masked_power_sums(weights, masks, 1.0, 2.0, scope).shape[0]
+        first = weights[0].reshape(-1)[0:1]
+        key = reference.magnitude_keys(first.cpu(), 32).expand(units).clone()
+        ties = reference.prune_masks(weights, masks, scope, 32, key, torch.zeros(units).long())
+        keep_above = reference.prune_masks(weights, masks, scope, 32, key + 1, key * 0)
+        tie_counts = retained_counts(weights, [a & ~b for a, b in zip(ties, keep_above)], scope)
+        unit = int(tie_counts.argmax())
+        assert int(tie_counts[unit]) > 0
+        quota = torch.zeros(units, dtype=torch.int64)
+        cases = []
+        bad = quota.clone()
+        bad[unit] = tie_counts[unit] + 1
+        cases.append(
+            (key, bad, rf"remove_equal\[{unit}\] = \d+ exceeds the {int(tie_counts[unit])}")
+        )
+        bad = quota.clone()
+        bad[-1] = -1
+        cases.append((key, bad, rf"remove_equal\[{units - 1}\] = -1 is negative"))
+        huge = key.clone()
+        huge[0] = 1 << 33
+        cases.append((huge, quota, r"threshold_keys\[0\] = 8589934592 is not a valid key"))
+        full = [
+            torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks)
+        ]
+        for thresholds, quotas, message in cases:
+            args = (scope, 32, thresholds.to(self.device), quotas.to(self.device))
+            with pytest.raises(ValueError, match=message):
+                self.run("prune_masks", weights, masks, *args)
+            work = [m.clone() for m in full]
+            with pytest.raises(ValueError, match=message):
+                self.run("prune_masks_", weights, work, *args)
+            assert all(torch.equal(w.cpu(), m.cpu()) for w, m in zip(work, full))
 
     def test_prune_masks_in_place_rejects_bad_masks(self):
         weights = [torch.randn(4, 6, device=self.device), torch.randn(6, device=self.device)]

@@ -229,6 +229,43 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
   return result;
 }
 
+// The CPU op's checks, with one copy to the host before any mask is written:
+// thresholds are keys (<= 32 bits), quotas >= 0 and at most the unit's ties
+// (equal_counts summed over the unit's pieces; counted where quota > 0).
+void check_prune_arguments(const at::Tensor& thresholds, const at::Tensor& quotas,
+                           const at::Tensor& equal_counts, const at::Tensor& starts,
+                           const char* op) {
+  const at::Tensor inclusive =
+      at::cat({at::zeros({1}, equal_counts.options()), at::cumsum(equal_counts, 0)});
+  const int64_t units = starts.numel() - 1;
+  const at::Tensor ties = inclusive.index_select(0, starts.slice(0, 1)) -
+                          inclusive.index_select(0, starts.slice(0, 0, units));
+  const at::Tensor active = thresholds.ge(0);
+  const at::Tensor bad_key = thresholds.gt(int64_t(0xffffffffLL));
+  const at::Tensor negative = quotas.lt(0);
+  const at::Tensor too_many =
+      active.logical_and(quotas.gt(ties)).logical_and(bad_key.logical_not());
+  const at::Tensor any_bad =
+      at::stack({bad_key.any(), negative.any(), too_many.any()}).cpu();  // the one sync
+  const bool* flags = any_bad.data_ptr<bool>();
+  if (!(flags[0] || flags[1] || flags[2])) return;
+  const auto first = [](const at::Tensor& where) { return where.nonzero()[0][0].item<int64_t>(); };
+  if (flags[0]) {
+    const int64_t u = first(bad_key);
+    TORCH_CHECK_VALUE(false, op, ": threshold_keys[", u, "] = ", thresholds[u].item<int64_t>(),
+                      " is not a valid key");
+  }
+  if (flags[1]) {
+    const int64_t u = first(negative);
+    TORCH_CHECK_VALUE(false, op, ": remove_equal[", u, "] = ", quotas[u].item<int64_t>(),
+                      " is negative");
+  }
+  const int64_t u = first(too_many);
+  TORCH_CHECK_VALUE(false, op, ": remove_equal[", u, "] = ", quotas[u].item<int64_t>(),
+                    " exceeds the ", ties[u].item<int64_t>(),
+                    " retained weights equal to threshold_keys[", u, "]");
+}
+
 // Writes the pruned masks to output_pointers[i] (one bool array per weight,
 // laid out like the contiguous weight). An output may be the weight's own mask:
 // each element's mask is read and written by the same thread, in one tile.
@@ -239,16 +276,17 @@ void prune_into(at::TensorList weights, const ShardTable& table, int64_t scope, 
   Launch launch(device);
   const HostPieces pieces = make_pieces(table, scope, kPrunePiece);
   const int64_t count = int64_t(pieces.segments.size());
-  if (count == 0) return;
   DeviceTables tables;
   const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
   const size_t output_table = tables.add(output_pointers);
   const size_t first_piece = tables.add(pieces.unit_first_piece);
+  const size_t unit_starts = tables.add(pieces.unit_starts);
   tables.upload(device);
+  const auto long_options = weights[0].options().dtype(at::kLong);
   const PieceTable pieces_on_device = piece_table(tables, shards, segments, pieces, scope);
   const at::Tensor thresholds = threshold_keys.to(device, at::kLong).contiguous();
   const at::Tensor quotas = remove_equal.to(device, at::kLong).contiguous();
-  at::Tensor equal_counts = at::empty({count}, weights[0].options().dtype(at::kLong));
+  at::Tensor equal_counts = at::empty({count}, long_options);
   check_launch(launch_count_equal(pieces_on_device, int(key_bits), thresholds.data_ptr<int64_t>(),
                                   quotas.data_ptr<int64_t>(), equal_counts.data_ptr<int64_t>(),
                                   launch.stream),
@@ -259,6 +297,10 @@ void prune_into(at::TensorList weights, const ShardTable& table, int64_t scope, 
   const at::Tensor first = at::from_blob(tables.pointer<int64_t>(first_piece), {count},
                                          weights[0].options().dtype(at::kLong));
   const at::Tensor equal_before = (exclusive - exclusive.index_select(0, first)).contiguous();
+  const at::Tensor starts = at::from_blob(tables.pointer<int64_t>(unit_starts),
+                                          {int64_t(pieces.unit_starts.size())}, long_options);
+  check_prune_arguments(thresholds, quotas, equal_counts, starts, op);
+  if (count == 0) return;
   check_launch(launch_prune_masks(pieces_on_device, int(key_bits), thresholds.data_ptr<int64_t>(),
                                   quotas.data_ptr<int64_t>(), equal_before.data_ptr<int64_t>(),
                                   tables.pointer<uint8_t* const>(output_table), launch.stream),

@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kThreads)
     const Shard shard = table.shards[seg.shard];
     const int64_t unit = unit_of(shard, seg, table.scope);
     const int64_t threshold = threshold_keys[unit];
-    if (threshold < 0 || remove_equal[unit] <= 0) {  // uniform across the block
+    // (a threshold above 32 bits is refused by the binding before pass 2)
+    if (threshold < 0 || threshold > 0xffffffffLL || remove_equal[unit] <= 0) {
       if (threadIdx.x == 0) equal_counts[s] = 0;
       continue;
     }

@@ -80,8 +80,12 @@ __global__ void __launch_bounds__(kHistogramThreads, 1)
     const Shard shard = table.shards[seg.shard];
     const int64_t unit = unit_of(shard, seg, table.scope);
     const bool use_shared = shared_counters && seg.length >= kSharedHistogramMin;
-    HistogramVisit visit{key_bits, pass_index, uint32_t(prefixes[unit]),
-                         use_shared ? shared_words : nullptr, histogram + unit * kBins};
+    // A prefix outside 16 bits matches no key (as on the CPU), never a truncation.
+    const int64_t raw_prefix = prefixes[unit];
+    const uint32_t prefix =
+        raw_prefix >= 0 && raw_prefix <= 0xffff ? uint32_t(raw_prefix) : 0x10000u;
+    HistogramVisit visit{key_bits, pass_index, prefix, use_shared ? shared_words : nullptr,
+                         histogram + unit * kBins};
     HistogramBody body{shard, seg, visit};
     dispatch_type(shard.type, body);
     if (!use_shared) continue;

@@ -276,6 +276,31 @@ def _prune_masks_in_place(
     _prune_into(op, weights, checked, scope, key_bits, threshold_keys, remove_equal, list(masks))
 
 
+def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device):
+    """The CPU op's checks, with one copy to the host before any mask is written:
+    thresholds are keys (<= 32 bits), quotas >= 0 and at most the unit's ties
+    (counted where the quota is positive)."""
+    inclusive = torch.cat([equal_counts.new_zeros(1), torch.cumsum(equal_counts, 0)])
+    starts = to_device(pieces.unit_starts, device, False)
+    ties = inclusive[starts[1:]] - inclusive[starts[:-1]]
+    bad_key = thresholds > 0xFFFFFFFF
+    negative = quotas < 0
+    too_many = (thresholds >= 0) & ~bad_key & (quotas > ties)
+    flags = torch.stack([bad_key.any(), negative.any(), too_many.any()]).tolist()
+    if flags[0]:
+        u = int(bad_key.nonzero()[0, 0])
+        raise ValueError(f"{op}: threshold_keys[{u}] = {int(thresholds[u])} is not a valid key")
+    if flags[1]:
+        u = int(negative.nonzero()[0, 0])
+        raise ValueError(f"{op}: remove_equal[{u}] = {int(quotas[u])} is negative")
+    if flags[2]:
+        u = int(too_many.nonzero()[0, 0])
+        raise ValueError(
+            f"{op}: remove_equal[{u}] = {int(quotas[u])} exceeds the {int(ties[u])} retained "
+            f"weights equal to threshold_keys[{u}]"
+        )
+
+
 def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equal, outputs):
     """Writes the pruned masks into `outputs` (contiguous bool tensors, one per
     weight; an output may be that weight's own mask)."""
@@ -302,6 +327,8 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
         )  # fmt: skip
     # Equal keys before each piece within its unit: an exclusive scan over the
     # pieces in global order, restarted at each unit's first piece.
+    if not trace:
+        _check_prune_arguments(op, threshold_keys, remove_equal, equal_counts, pieces, device)
     before = torch.cumsum(equal_counts, 0) - equal_counts
     unit_first_piece = pieces.unit_starts[pieces.unit]
     equal_before = before - before[to_device(unit_first_piece, device, trace)]
