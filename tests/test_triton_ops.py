@@ -149,6 +149,20 @@ class OpChecks:
         want = reference.rowwise_kth_key(weights, masks, key_bits, ks)
         assert torch.equal(got.cpu(), want.cpu())
 
+    def test_rowwise_kth_rejects_k_out_of_range(self):
+        """As the CPU op (the Python API checks first, but not while compiling)."""
+        weights, masks = make_inputs([(4, 9), (3,)], torch.float32, True, 33, self.device)
+        retained = retained_counts(weights, masks, NEURON)
+        for row, shard, k in ((2, 0, int(retained[2]) + 1), (5, 1, -1)):
+            ks = retained.clone()
+            ks[row] = k
+            message = (
+                rf"ks\[{row}\] = {k} is out of range: that row \(in weights\[{shard}\]\) "
+                rf"has {int(retained[row])} retained weights"
+            )
+            with pytest.raises(ValueError, match=message):
+                self.run("rowwise_kth_key", weights, masks, 32, ks.to(self.device))
+
     # --- prune_masks ---------------------------------------------------------
 
     @pytest.mark.parametrize("dtype", DTYPES)

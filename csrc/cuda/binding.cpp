@@ -218,13 +218,19 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
                              k_values.data_ptr<int64_t>(), result.data_ptr<int64_t>(),
                              nonfinite.data_ptr<int32_t>(), launch.stream),
       op);
-  const at::Tensor bad = nonfinite.gt(0).nonzero();
+  // nonfinite[row] > 0: retained NaN/inf; -1: ks[row] outside 0..retained (the
+  // kernel then put the row's retained count in result[row][1]).
+  const at::Tensor bad = nonfinite.ne(0).nonzero();
   if (bad.size(0) > 0) {
     const int64_t row = bad[0][0].item<int64_t>();
     size_t shard = 0;
     while (shard + 1 < table.shards.size() && table.shards[shard + 1].first_unit <= row) ++shard;
-    TORCH_CHECK_VALUE(false, op, ": weights[", shard,
+    TORCH_CHECK_VALUE(nonfinite[row].item<int32_t>() < 0, op, ": weights[", shard,
                       "] contains NaN or infinity among its retained weights");
+    const int64_t retained = result[row][1].item<int64_t>();
+    TORCH_CHECK_VALUE(false, op, ": ks[", row, "] = ", k_values[row].item<int64_t>(),
+                      " is out of range: that row (in weights[", shard, "]) has ", retained,
+                      " retained weights (allowed: 0..", retained, ")");
   }
   return result;
 }

@@ -152,8 +152,9 @@ __global__ void __launch_bounds__(kSelectThreads)
                        int32_t* nonfinite) {
   __shared__ unsigned int counts[256];
   __shared__ uint32_t prefix;
-  __shared__ int64_t remaining, below;
+  __shared__ int64_t remaining, below, retained;
   __shared__ unsigned int bad;
+  __shared__ bool out_of_range;
   for (int64_t s = blockIdx.x; s < table.num_segments; s += gridDim.x) {
     const Segment seg = table.segments[s];
     const Shard shard = table.shards[seg.shard];
@@ -164,10 +165,12 @@ __global__ void __launch_bounds__(kSelectThreads)
       remaining = k;
       below = 0;
       bad = 0;
+      out_of_range = false;
     }
     const int levels = key_bits / 8;
     for (int level = 0; level < levels; ++level) {
-      if (k == 0 && level > 0) break;  // level 0 still counts NaN/inf
+      // level 0 still counts NaN/inf and the row's retained weights
+      if ((k == 0 || out_of_range) && level > 0) break;
       for (int i = threadIdx.x; i < 256; i += blockDim.x) counts[i] = 0;
       __syncthreads();
       RowSelectBody body{shard, seg, key_bits, level, prefix, counts};
@@ -175,6 +178,11 @@ __global__ void __launch_bounds__(kSelectThreads)
       if (body.nonfinite) atomicAdd(&bad, body.nonfinite);
       __syncthreads();
       if (threadIdx.x == 0) {
+        if (level == 0) {  // the CPU op's check: 0 <= k <= retained
+          retained = 0;
+          for (int i = 0; i < 256; ++i) retained += counts[i];
+          out_of_range = k < 0 || k > retained;
+        }
         int64_t cumulative = 0;
         int digit = 0;
         while (digit < 255 && cumulative + counts[digit] < remaining) cumulative += counts[digit++];
@@ -185,9 +193,10 @@ __global__ void __launch_bounds__(kSelectThreads)
       __syncthreads();
     }
     if (threadIdx.x == 0) {
-      result[2 * row] = k > 0 ? int64_t(prefix) : -1;
-      result[2 * row + 1] = k > 0 ? below : 0;
-      nonfinite[row] = int32_t(bad);
+      result[2 * row] = k > 0 && !out_of_range ? int64_t(prefix) : -1;
+      // for a k out of range: the row's retained count, for the message
+      result[2 * row + 1] = out_of_range ? retained : (k > 0 ? below : 0);
+      nonfinite[row] = bad > 0 ? int32_t(bad) : (out_of_range ? -1 : 0);
     }
     __syncthreads();
   }

@@ -233,11 +233,18 @@ def _rowwise_kth_key(
             group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
-    if not trace:
-        bad_rows = (nonfinite.cpu() > 0).nonzero()
+    if not trace:  # > 0: retained NaN/inf; -1: ks[row] outside 0..retained
+        bad_rows = (nonfinite.cpu() != 0).nonzero()
         if bad_rows.numel() > 0:  # one piece per non-empty row: find the row's piece
-            piece = int(np.searchsorted(pieces.unit, int(bad_rows[0, 0])))
-            raise _nonfinite_error(op, int(pieces.tensor[piece]))
+            row = int(bad_rows[0, 0])
+            shard = int(pieces.tensor[int(np.searchsorted(pieces.unit, row))])
+            if int(nonfinite[row]) > 0:
+                raise _nonfinite_error(op, shard)
+            retained = int(result[row, 1])
+            raise ValueError(
+                f"{op}: ks[{row}] = {int(ks[row])} is out of range: that row (in "
+                f"weights[{shard}]) has {retained} retained weights (allowed: 0..{retained})"
+            )
     return result
 
 

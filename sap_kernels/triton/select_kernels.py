@@ -95,7 +95,9 @@ def rowwise_kth_kernel(
     higher digits equal the prefix chosen so far; the digit where the
     cumulative count reaches the remaining rank is appended to the prefix and
     the counts of smaller digits are added to `below`. nonfinite[row] counts
-    retained NaN/inf keys (found in the first pass, which runs even when k = 0)."""
+    retained NaN/inf keys (found in the first pass, which runs even when k = 0),
+    or is -1 when k lies outside 0..retained (the CPU op's check; result[row]
+    is then (-1, retained))."""
     index = tl.program_id(0).to(tl.int64)  # one program per row: may pass 2^31 / 5
     row = pieces + index * 5
     begin = tl.load(row)
@@ -115,8 +117,10 @@ def rowwise_kth_kernel(
     below = tl.full([], 0, tl.int64)
     remaining = k
     bad = tl.zeros([BLOCK], tl.int32)
+    retained = tl.full([], 0, tl.int64)
+    out_of_range = k < 0
     for level in tl.static_range(KEY_BITS // 8):
-        if (level == 0) | (k > 0):
+        if (level == 0) | ((k > 0) & ~out_of_range):
             shift = KEY_BITS - 8 * (level + 1)
             counts = tl.zeros([256], tl.int32)
             for start in range(0, length, BLOCK):
@@ -130,15 +134,22 @@ def rowwise_kth_kernel(
                 else:
                     keep = keep & ((key >> (shift + 8)) == prefix)
                 counts += tl.histogram((key >> shift) & 0xFF, 256, mask=keep).to(tl.int32)
+            if level == 0:
+                retained = tl.sum(counts, axis=0).to(tl.int64)
+                out_of_range = (k < 0) | (k > retained)
             cumulative = tl.cumsum(counts, axis=0)
             digit = tl.sum((cumulative < remaining).to(tl.int32), axis=0)
             smaller = tl.sum(tl.where(bins < digit, counts, 0), axis=0).to(tl.int64)
             below += smaller
             remaining -= smaller
             prefix = (prefix << 8) | digit
-    tl.store(result + unit * 2, tl.where(k > 0, prefix.to(tl.int64), -1))
-    tl.store(result + unit * 2 + 1, tl.where(k > 0, below, 0))
-    tl.store(nonfinite + unit, tl.sum(bad, axis=0))
+    found = (k > 0) & ~out_of_range
+    tl.store(result + unit * 2, tl.where(found, prefix.to(tl.int64), -1))
+    tl.store(result + unit * 2 + 1, tl.where(out_of_range, retained, tl.where(found, below, 0)))
+    nonfinite_count = tl.sum(bad, axis=0)
+    tl.store(
+        nonfinite + unit, tl.where(nonfinite_count > 0, nonfinite_count, -out_of_range.to(tl.int32))
+    )
 
 
 @triton.jit
