@@ -392,3 +392,23 @@ def test_neuron_scope_with_masked_tensors_of_no_rows(backend, generator):
     got = sap_kernels.prune(weights, masks, retained // 2, scope="neuron", backend=backend)
     want = reference.prune_by_stable_sort(weights, masks, retained // 2, "neuron")
     assert all(torch.equal(g.cpu(), w.cpu()) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512-if-present", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
+def test_neuron_rows_by_bins_on_each_path(portable, dtype, kind, generator, monkeypatch):
+    """Rows of 512..65,536 weights take the 2,048-bin select, whose bin's keys
+    are gathered by AVX-512 compress where the CPU has it, else by a portable
+    loop (SAP_KERNELS_NO_AVX512=1); odd lengths leave a scalar tail."""
+    if "cpu" not in sap_kernels.available_backends(torch.device("cpu")):
+        pytest.skip("the CPU extension is not built")
+    if portable:
+        monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
+    shapes = [(3, 517), (2, 4096), (1, 70_001), (4, 1000)]
+    weights = [random_weights(s, dtype, kind, generator) for s in shapes]
+    masks = make_masks(shapes, 0.4, generator, "neuron")
+    retained = retained_counts(weights, masks, "neuron")
+    check_threshold(weights, masks, random_ks(retained, generator), "neuron", "cpu")
+    check_threshold(weights, None, random_ks(retained_counts(weights, None, "neuron"), generator),
+                    "neuron", "cpu")  # fmt: skip

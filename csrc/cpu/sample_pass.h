@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../kernel_types.h"
+#include "keys_avx512.h"
 #include "magnitudes.h"
 #include "mask_backup.h"
 #include "selection_keys.h"
@@ -111,24 +112,6 @@ SAP_INLINE void count_and_collect(const Shard& shard, int64_t begin, int64_t len
 // bracket" and "non-finite"; the counts are popcounts and the candidates are
 // compressed into place (register-form compress, then a plain store: the
 // memory form is microcoded and slow on Zen 4) without a branch.
-template <int Type, int KeyBits>
-__attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_keys(const void* data,
-                                                                                  int64_t i) {
-  if constexpr (Type == kFloat32) {
-    const __m512i bits = _mm512_loadu_si512(static_cast<const uint32_t*>(data) + i);
-    return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-  } else {
-    const __m256i half = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
-    // Zero-masking forms: GCC 12 warns about the undefined source of the plain ones.
-    const __m512i bits = _mm512_maskz_cvtepu16_epi32(0xffff, half);
-    if constexpr (KeyBits == 16) return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff));
-    static_assert(KeyBits == 16 || Type == kBFloat16, "float16 with 32-bit keys is scalar");
-    const __m512i high = _mm512_maskz_slli_epi32(0xffff, bits, 16);
-    return _mm512_and_si512(high, _mm512_set1_epi32(0x7fffffff));
-  }
-}
-
 template <int Type, int KeyBits, bool Masked, bool Prune>
 __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Shard& shard,
                                                                         int64_t begin,
@@ -209,13 +192,6 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_range_avx512(
       count_and_collect_avx512<T, B, M, false>(shard, begin, length, bracket, out, write);
     }
   });
-}
-
-bool has_avx512() {
-  static const bool supported = __builtin_cpu_supports("avx512f") &&
-                                __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
-  return supported;
 }
 
 // Compiled once per instruction set (the counting loop vectorises).

@@ -239,7 +239,7 @@ SamplePass run_sample_pass(const ShardTable& table, int64_t scope, int64_t key_b
   pass.counts.resize(pass.segments.size());
   pass.chunk_done.assign(num_chunks, 0);
   if (out != nullptr && out->in_place) pass.backup.emplace(pass.segments);
-  const bool avx512 = has_avx512() && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
+  const bool avx512 = use_avx512();
   std::atomic<int64_t> collected{0};
   std::atomic<bool> overflow{false};
   at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {

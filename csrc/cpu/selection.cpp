@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../shards.h"
+#include "keys_avx512.h"
 #include "magnitudes.h"
 #include "selection_args.h"
 #include "selection_keys.h"
@@ -217,9 +218,38 @@ SAP_INLINE RowResult row_kth_by_partition(const Shard& shard, int64_t begin, int
 constexpr int kRowDigitBits = 11;
 constexpr uint32_t kRowBins = 1u << kRowDigitBits;
 
+// The retained keys of a row with key >> Shift == bin, in flat order, by
+// 16-key compares and register-form compress (then a plain store: the memory
+// form is microcoded on Zen 4). keys needs room for the count + 16.
+template <int Type, int KeyBits, bool Masked, int Shift>
+__attribute__((target("arch=x86-64-v4"), noinline)) int64_t collect_bin_avx512(
+    const Shard& shard, int64_t begin, int64_t length, uint32_t bin, uint32_t* keys) {
+  const uint8_t* mask = Masked ? mask_bytes(shard.mask + begin) : nullptr;
+  const __m512i target = _mm512_set1_epi32(int(bin));
+  int64_t n = 0, i = 0;
+  for (; i + 16 <= length; i += 16) {
+    const __m512i key = load_keys<Type, KeyBits>(shard.data, begin + i);
+    __mmask16 keep = 0xffff;
+    if constexpr (Masked) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
+      keep = _mm_test_epi8_mask(bytes, bytes);
+    }
+    const __mmask16 inside =
+        _mm512_mask_cmpeq_epi32_mask(keep, _mm512_maskz_srli_epi32(0xffff, key, Shift), target);
+    _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi32(inside, key));
+    n += _mm_popcnt_u32(inside);
+  }
+  for (; i < length; ++i) {
+    const uint32_t key = key_at<Type, KeyBits>(shard.data, begin + i);
+    keys[n] = key;
+    n += (Masked ? mask[i] != 0 : true) && (key >> Shift) == bin;
+  }
+  return n;
+}
+
 template <int Type, int KeyBits, bool Masked>
 SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t length, int64_t k,
-                                     RowScratch& scratch) {
+                                     RowScratch& scratch, bool avx512) {
   constexpr int kShift = (KeyBits == 32 ? 31 : 15) - kRowDigitBits;
   constexpr uint32_t nonfinite = nonfinite_key<Type, KeyBits>();
   static_assert(nonfinite % (1u << kShift) == 0, "non-finite keys start a bin");
@@ -263,18 +293,25 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
   // copied branch-free (membership is a coin toss). The bin is a constant
   // copy: the key stores could alias d itself, which kept the test scalar.
   const uint32_t bin = d;
-  scratch.keys.resize(bins[bin] + 1);
+  scratch.keys.resize(bins[bin] + 16);
   uint32_t* keys = scratch.keys.data();
   int64_t n = 0;
-  auto in_bin = [&, bin](int64_t j) SAP_INLINE_LAMBDA {
-    return keep(j) & uint32_t((key_at<Type, KeyBits>(shard.data, begin + j) >> kShift) == bin);
-  };
-  for_blocks_with_a_match<16>(length, in_bin, [&](int64_t first, int64_t last) SAP_INLINE_LAMBDA {
-    for (int64_t j = first; j < last; ++j) {
-      keys[n] = key_at<Type, KeyBits>(shard.data, begin + j);
-      n += in_bin(j);
+  constexpr bool kVectorKeys = !(Type == kFloat16 && KeyBits == 32);  // see load_keys
+  if (kVectorKeys && avx512) {
+    if constexpr (kVectorKeys) {
+      n = collect_bin_avx512<Type, KeyBits, Masked, kShift>(shard, begin, length, bin, keys);
     }
-  });
+  } else {
+    auto in_bin = [&, bin](int64_t j) SAP_INLINE_LAMBDA {
+      return keep(j) & uint32_t((key_at<Type, KeyBits>(shard.data, begin + j) >> kShift) == bin);
+    };
+    for_blocks_with_a_match<16>(length, in_bin, [&](int64_t first, int64_t last) SAP_INLINE_LAMBDA {
+      for (int64_t j = first; j < last; ++j) {
+        keys[n] = key_at<Type, KeyBits>(shard.data, begin + j);
+        n += in_bin(j);
+      }
+    });
+  }
   const int64_t r = k - below - 1;
   std::nth_element(keys, keys + r, keys + n);
   const uint32_t kth = keys[r];
@@ -321,7 +358,7 @@ SAP_INLINE RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int
 // Compiled once per instruction set (the bins' sums and block tests vectorise).
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) RowResult
 select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, int64_t k,
-           RowScratch& scratch) {
+           RowScratch& scratch, bool avx512) {
   RowResult result;
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
@@ -329,7 +366,7 @@ select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, 
     if (length > kLongRow) {
       result = row_kth_by_histogram<T, B, M>(shard, begin, length, k, scratch);
     } else if (length >= kBinnedRow) {
-      result = row_kth_by_bins<T, B, M>(shard, begin, length, k, scratch);
+      result = row_kth_by_bins<T, B, M>(shard, begin, length, k, scratch, avx512);
     } else {
       result = row_kth_by_partition<T, B, M>(shard, begin, length, k, scratch);
     }
@@ -356,6 +393,7 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
   at::Tensor out = at::empty({table.num_units, 2}, at::TensorOptions().dtype(at::kLong));
   int64_t* out_data = out.data_ptr<int64_t>();
   std::vector<RowError> errors(chunk_starts.size() - 1);
+  const bool avx512 = use_avx512();
   at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
     RowScratch scratch;
     for (int64_t c = first; c < last; ++c) {
@@ -365,7 +403,8 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
         const int64_t length = shard.row_length;
         for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
           const int64_t row = shard.first_unit + begin / length;
-          const RowResult result = select_row(shard, key_bits, begin, length, k_data[row], scratch);
+          const RowResult result =
+              select_row(shard, key_bits, begin, length, k_data[row], scratch, avx512);
           out_data[2 * row] = result.key;
           out_data[2 * row + 1] = result.below;
           if (result.status != kRowOk && errors[c].status == kRowOk) {

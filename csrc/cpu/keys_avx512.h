@@ -1,0 +1,41 @@
+// AVX-512 pieces shared by the selection kernels (sample_pass.h,
+// selection.cpp): 16 keys from one vector load, and whether the CPU (and the
+// environment: SAP_KERNELS_NO_AVX512 forces the portable loops, for tests)
+// allows the AVX-512 loops.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "../kernel_types.h"
+
+namespace sap_kernels::cpu {
+
+template <int Type, int KeyBits>
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_keys(const void* data,
+                                                                                  int64_t i) {
+  if constexpr (Type == kFloat32) {
+    const __m512i bits = _mm512_loadu_si512(static_cast<const uint32_t*>(data) + i);
+    return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  } else {
+    const __m256i half = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
+    // Zero-masking forms: GCC 12 warns about the undefined source of the plain ones.
+    const __m512i bits = _mm512_maskz_cvtepu16_epi32(0xffff, half);
+    if constexpr (KeyBits == 16) return _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff));
+    static_assert(KeyBits == 16 || Type == kBFloat16, "float16 with 32-bit keys is scalar");
+    const __m512i high = _mm512_maskz_slli_epi32(0xffff, bits, 16);
+    return _mm512_and_si512(high, _mm512_set1_epi32(0x7fffffff));
+  }
+}
+
+// Read once per op call (the environment is read each time: tests set it).
+inline bool use_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f") &&
+                                __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl");
+  return supported && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
+}
+
+}  // namespace sap_kernels::cpu
