@@ -56,28 +56,12 @@ from sap_kernels.benchmarking import (
 from sap_kernels.sparsity import pqi_from_sums
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pqi import eager_concatenate, eager_loop  # noqa: E402
 from gpu_report import MB, PRUNE_FRACTION, P, Q, check_targets, markdown, write  # noqa: E402
 
 
 def retained_magnitudes(weights, masks):
     return torch.cat([(w if m is None else w[m]).reshape(-1).abs() for w, m in zip(weights, masks)])
-
-
-def eager_loop(weights, masks, p, q):
-    """Per-tensor loop: float32 powers, float64 sums."""
-    sp = sq = d = 0.0
-    for w, m in zip(weights, masks):
-        a = w.abs() if m is None else torch.where(m, w.abs(), 0)
-        sp = sp + a.pow(p).sum(dtype=torch.float64)
-        sq = sq + a.pow(q).sum(dtype=torch.float64)
-        d = d + (w.numel() if m is None else m.sum())
-    return pqi_from_sums(torch.as_tensor(sp), torch.as_tensor(sq), torch.as_tensor(d), p, q)
-
-
-def eager_concatenate(weights, masks, p, q):
-    flat = torch.cat([w.reshape(-1) if m is None else w[m] for w, m in zip(weights, masks)])
-    ratio = torch.linalg.vector_norm(flat, p) / torch.linalg.vector_norm(flat, q)
-    return 1 - flat.numel() ** (1 / q - 1 / p) * ratio
 
 
 def foreach_norm(weights, p, q):
