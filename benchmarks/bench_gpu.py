@@ -204,9 +204,7 @@ def run_configuration(weights, masks, device, backends, repeats, compile_loop, b
         )
         row["note"] = "first_call_s includes compilation"
 
-    retained = weight_bytes // weights[0].element_size() if masks is None else None
-    if retained is None:
-        retained = int(sum(int(m.sum()) for m in masks))
+    retained = sum(int(w.numel() if m is None else m.sum()) for w, m in zip(weights, mask_list))
     k = max(1, round(PRUNE_FRACTION * retained))
     exact = None
     try:
@@ -288,6 +286,14 @@ def run_configuration(weights, masks, device, backends, repeats, compile_loop, b
     return runner.rows
 
 
+def methods_per_configuration(backends: int, masked: bool, compiled: bool) -> int:
+    """Rows run_configuration adds: the probe, PQI (+ eager x2, + _foreach_norm
+    unmasked, + compiled), threshold (+ 2), prune and prune_ (+ 1), and with
+    masks apply_masks_ (+ 2)."""
+    rows = 1 + (backends + 2 + (not masked) + compiled) + (backends + 2) + (2 * backends + 1)
+    return rows + (backends + 2 if masked else 0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=1e9)
@@ -306,17 +312,24 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--backends: {missing[0]!r} is not available on {device} (have {available})")
     dtypes = args.dtypes.split(",")
-    mask_modes = [m.strip() for m in args.masks.split(",")]
+    # unmasked first: the masked configuration ends with apply_masks_, which
+    # zeroes half of the weights
+    mask_modes = sorted((m.strip() for m in args.masks.split(",")), key=lambda m: m != "none")
+    given = sys.argv[1:] if argv is None else argv
     result = {
         "machine": machine(device),
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python benchmarks/bench_gpu.py", *given]),
         "repeats": args.repeats,
         "backends": backends,
         "rows": [],
         "targets": [],
     }
-    per_config = 4 + 4 * len(backends) + 4
-    bar = tqdm(total=len(dtypes) * len(mask_modes) * per_config, desc="bench_gpu", file=sys.stderr)
+    bar = tqdm(
+        total=len(dtypes) * sum(methods_per_configuration(len(backends), m != "none",
+                                                          not args.no_compile) for m in mask_modes),
+        desc="bench_gpu",
+        file=sys.stderr,
+    )  # fmt: skip
     for name in dtypes:
         dtype = getattr(torch, name)
         _, weights = llm_shaped_weights(args.params, dtype=dtype, device=device)

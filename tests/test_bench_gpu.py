@@ -34,6 +34,10 @@ def test_small_run_writes_exact_results(tmp_path, device, backends):
     assert bench_gpu.main(argv) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     rows = result["rows"]
+    n = len(backends.split(","))
+    expected_rows = sum(bench_gpu.methods_per_configuration(n, m, False) for m in (False, True))
+    assert len(rows) == expected_rows  # the progress bar's total
+    assert result["command"].endswith("--out " + str(out))
     sap_rows = [r for r in rows if r["method"].startswith("sap_kernels")]
     assert {(r["op"], r["masked"], r["method"]) for r in sap_rows} == {
         (op, masked, f"sap_kernels {b}")
