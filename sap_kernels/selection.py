@@ -192,19 +192,18 @@ def _select_by_sample(backend, tensors, masks, code, key_bits, ks, argument, all
 def _retained_per_unit(tensors, masks, scope: str) -> torch.Tensor:
     """Retained weights per unit, int64 on the CPU (one copy from the device)."""
     device = tensors[0].device
+    rows = [num_rows(w) for w in tensors]
     per_row = []
-    for w, m in zip(tensors, masks):
-        rows = num_rows(w)
-        row_length = w.numel() // max(rows, 1)
+    for w, m, n in zip(tensors, masks, rows):
+        row_length = w.numel() // max(n, 1)
         if m is None:  # every weight retained: no need to count
-            per_row.append(torch.full((rows,), row_length, device=device))
-        else:  # reshape(rows, row_length): -1 is ambiguous when rows == 0
-            per_row.append(m.reshape(rows, row_length).sum(1))
+            per_row.append(torch.full((n,), row_length, device=device))
+        else:  # reshape(n, row_length): -1 is ambiguous when n == 0
+            per_row.append(m.reshape(n, row_length).sum(1))
     per_row = torch.cat(per_row).cpu()
     if scope == "neuron":
         return per_row
-    sizes = [num_rows(w) for w in tensors]
-    per_tensor = torch.stack([r.sum() for r in per_row.split(sizes)])
+    per_tensor = torch.stack([r.sum() for r in per_row.split(rows)])
     return per_tensor.sum().reshape(1) if scope == "global" else per_tensor
 
 

@@ -289,9 +289,10 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
     below += group;
   }
   while (below + bins[d] < k) below += bins[d++];
-  // The keys of that bin: blocks without one are skipped; the others are
-  // copied branch-free (membership is a coin toss). The bin is a constant
-  // copy: the key stores could alias d itself, which kept the test scalar.
+  // The keys of that bin: with AVX-512, compares and compress 16 keys at a
+  // time. Elsewhere blocks without one are skipped and the others copied
+  // branch-free (membership is a coin toss). The bin is a constant copy: the
+  // key stores could alias d itself, which kept the test scalar.
   const uint32_t bin = d;
   scratch.keys.resize(bins[bin] + 16);
   uint32_t* keys = scratch.keys.data();

@@ -234,11 +234,12 @@ def _rowwise_kth_key(
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
     if not trace:  # > 0: retained NaN/inf; -1: ks[row] outside 0..retained
-        bad_rows = (nonfinite.cpu() != 0).nonzero()
+        status = nonfinite.cpu()
+        bad_rows = (status != 0).nonzero()
         if bad_rows.numel() > 0:  # one piece per non-empty row: find the row's piece
             row = int(bad_rows[0, 0])
             shard = int(pieces.tensor[int(np.searchsorted(pieces.unit, row))])
-            if int(nonfinite[row]) > 0:
+            if int(status[row]) > 0:
                 raise _nonfinite_error(op, shard)
             retained = int(result[row, 1])
             raise ValueError(
