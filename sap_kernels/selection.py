@@ -68,10 +68,21 @@ def _nonfinite_digit(key_bits: int, dtype: torch.dtype) -> int:
     return 0x7F80 if dtype == torch.bfloat16 else 0x7C00
 
 
+def _assert_in_graph(condition: torch.Tensor, message: str) -> None:
+    """Inside a compiled graph a data-dependent check cannot raise on the host
+    without breaking the graph: an asynchronous assertion instead (a
+    RuntimeError on CPU, a device-side assert on CUDA), so bad input stops the
+    program rather than giving an undefined threshold. Eager calls raise the
+    ValueError naming the unit."""
+    torch._assert_async(condition, f"sap_kernels: {message} (call eagerly to see which unit)")
+
+
 def _check_counts(ks, retained, argument: str, allow_zero: bool, labels) -> None:
-    if _compiling():
-        return  # data-dependent checks would break the graph; eager mode checks
     low = 0 if allow_zero else 1
+    if _compiling():
+        ok = ks >= low if retained is None else (ks >= low) & (ks <= retained.to(ks.device))
+        _assert_in_graph(ok.all(), f"{argument} is out of range ({low}..the unit's retained)")
+        return
     bad = (ks < low) | (ks > retained.to(ks.device))
     if bool(bad.any()):
         u = int(bad.nonzero()[0, 0])
@@ -109,9 +120,7 @@ def _select_radix(
         from .distributed import all_reduce_histogram
 
         hist = all_reduce_histogram(hist, group)
-    if not _compiling() and bool(hist[:, nonfinite_digit:].any()):
-        u = int(hist[:, nonfinite_digit:].sum(1).nonzero()[0, 0])
-        raise ValueError(f"{labels(u)} contains NaN or infinity among its retained weights")
+    _check_finite_histogram(hist, nonfinite_digit, labels)
     cumulative = hist.cumsum(1)
     _check_counts(ks, cumulative[:, -1], argument, allow_zero, labels)
     target = ks.clamp(min=1)
@@ -143,6 +152,15 @@ def _select_radix(
     keys = torch.where(ks > 0, keys, torch.full_like(keys, -1))
     below = torch.where(ks > 0, below, zeros)
     return keys, below
+
+
+def _check_finite_histogram(hist, nonfinite_digit: int, labels) -> None:
+    nonfinite = hist[:, nonfinite_digit:]
+    if _compiling():
+        _assert_in_graph(~nonfinite.any(), "the weights contain NaN or infinity")
+    elif bool(nonfinite.any()):
+        u = int(nonfinite.sum(1).nonzero()[0, 0])
+        raise ValueError(f"{labels(u)} contains NaN or infinity among its retained weights")
 
 
 def _uses_sample_select(backend, scope: str, group, key_bits: int) -> bool:
@@ -239,6 +257,8 @@ def _kth_keys(
 
         op_checks = backend == "cpu"
         eager = not _compiling()
+        if not eager:  # the ops check ks <= retained (CPU, CUDA; Triton asserts)
+            _check_counts(ks, None, argument, allow_zero, None)
         if eager and (not op_checks or (not allow_zero and bool((ks == 0).any()))):
             check_counts()
         try:

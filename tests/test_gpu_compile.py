@@ -99,3 +99,41 @@ def test_compiled_api_on_gpu_matches_eager(backend, scope, generator):
     torch.testing.assert_close(flat(got[0]), flat(eager[0]), rtol=0, atol=1e-12, equal_nan=True)
     assert all(torch.equal(a, b) for a, b in zip(got[1], eager[1]))
     assert torch.equal(flat(got[2]), flat(eager[2]))
+
+
+BAD_COMPILED_CALLS = {
+    "pqi-nan": "sap_kernels.pqi(ws, None, backend=B)",
+    "threshold-k-too-large": "sap_kernels.magnitude_threshold(ws, 10**6, backend=B)",
+    "layer-k-0": "sap_kernels.magnitude_threshold(ws, 0, scope='layer', backend=B)",
+    "neuron-k-too-large": "sap_kernels.magnitude_threshold(ws, 99, scope='neuron', backend=B)",
+    "prune-negative": "sap_kernels.prune(ws, None, -1, backend=B)",
+}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("case", sorted(BAD_COMPILED_CALLS))
+def test_compiled_api_on_gpu_stops_on_bad_input(backend, case, tmp_path):
+    """Inside a compiled graph the checks that need a host copy become
+    assertions (a device-side assert on CUDA, which ends the process: hence a
+    subprocess). A compiled call with bad input must not return a value."""
+    import subprocess
+    import sys
+
+    if backend not in gpu_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    script = tmp_path / "bad_call.py"
+    script.write_text(
+        "import torch, sap_kernels\n"
+        f"B = {backend!r}\n"
+        "ws = [torch.randn(40, 30, device='cuda'), torch.randn(25, device='cuda')]\n"
+        f"if {case == 'pqi-nan'}:\n    ws[0][3, 4] = float('nan')\n"
+        f"f = torch.compile(lambda ws: {BAD_COMPILED_CALLS[case]}, fullgraph=True)\n"
+        "out = f(ws)\n"
+        "torch.cuda.synchronize()\n"
+        "print('RETURNED', out)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0 and "RETURNED" not in done.stdout, done.stdout + done.stderr
+    assert "sap_kernels" in done.stderr or "device-side assert" in done.stderr, done.stderr[-2000:]

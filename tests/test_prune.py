@@ -342,3 +342,49 @@ def test_compile_fullgraph_without_graph_breaks(generator):
     assert all(torch.equal(a, b) for a, b in zip(got[3], expected[3]))
     assert all(torch.equal(a, b) for a, b in zip(masks, eager_masks))
     assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+
+
+@needs_extension
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w, m: sap_kernels.magnitude_threshold(w, 10_000, m, backend="cpu"),
+        lambda w, m: sap_kernels.magnitude_threshold(w, 0, m, backend="cpu"),
+        lambda w, m: sap_kernels.magnitude_threshold(w, [3, 999], m, scope="layer", backend="cpu"),
+        lambda w, m: sap_kernels.magnitude_threshold(w, 0, m, scope="neuron", backend="cpu"),
+        lambda w, m: sap_kernels.prune(w, m, -1, backend="cpu"),
+        lambda w, m: sap_kernels.prune(w, m, [0, 51], scope="layer", backend="cpu"),
+        lambda w, m: sap_kernels.prune(w, m, 31, scope="neuron", backend="cpu"),
+    ],
+    ids=["global-k-high", "global-k-0", "layer-k-high", "neuron-k-0", "global-negative",
+         "layer-count-high", "neuron-count-high"],
+)  # fmt: skip
+def test_compiled_calls_reject_out_of_range_counts(call, compiler, generator):
+    """Inside a compiled graph the range checks cannot copy to the host: they
+    are asynchronous assertions (eager calls raise ValueError naming the unit),
+    so an out-of-range k or count stops the call instead of giving an
+    undefined threshold."""
+    shapes = [(20, 30), (50,)]
+    weights = [random_weights(s, torch.float32, "normal", generator) for s in shapes]
+    masks = [torch.ones(s, dtype=torch.bool) for s in shapes]
+    with pytest.raises(ValueError, match="out of range"):
+        call(weights, masks)
+    torch._dynamo.reset()
+    with pytest.raises((RuntimeError, ValueError), match="out of range"):
+        torch.compile(call, fullgraph=True, backend=compiler)(weights, masks)
+
+
+@needs_extension
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_compiled_threshold_rejects_nan(scope, generator):
+    weights = [random_weights((20, 30), torch.float32, "normal", generator)]
+    weights[0][3, 4] = float("nan")
+
+    def threshold(ws):
+        return sap_kernels.magnitude_threshold(ws, 5, scope=scope, backend="cpu")
+
+    with pytest.raises(ValueError, match="NaN"):
+        threshold(weights)
+    with pytest.raises(RuntimeError, match="NaN"):
+        torch.compile(threshold, fullgraph=True, backend="aot_eager")(weights)

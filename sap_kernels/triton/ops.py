@@ -101,6 +101,12 @@ def _nonfinite_error(op: str, index: int) -> ValueError:
     return ValueError(f"{op}: weights[{index}] contains NaN or infinity among its retained weights")
 
 
+def _assert_in_graph(condition: torch.Tensor, op: str, message: str) -> None:
+    """While tracing (torch.compile) no check can copy to the host: a device-side
+    assertion instead of an undefined result. Eager calls raise ValueError."""
+    torch._assert_async(condition, f"sap_kernels {op}: {message} (call eagerly for details)")
+
+
 @triton_op("sap_kernels::triton_masked_power_sums", mutates_args=())
 def _masked_power_sums(
     weights: list[torch.Tensor],
@@ -155,8 +161,9 @@ def _masked_power_sums(
             p, q, safe_min, safe_max,
             WEIGHT_TYPE=group.weight_type, **kinds, ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
-    bad = first_bad_tensor(partials[:, 3], pieces)
-    if bad is not None:
+    if trace:
+        _assert_in_graph((partials[:, 3] == 0).all(), op, "NaN or infinity among retained weights")
+    elif (bad := first_bad_tensor(partials[:, 3], pieces)) is not None:
         raise _nonfinite_error(op, bad)
     out = torch.empty((pieces.num_units, 3), dtype=torch.float64, device=device)
     unit_starts = to_device(pieces.unit_starts, device, trace)
@@ -233,7 +240,9 @@ def _rowwise_kth_key(
             group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
-    if not trace:  # > 0: retained NaN/inf; -1: ks[row] outside 0..retained
+    if trace:  # > 0: retained NaN/inf; -1: ks[row] outside 0..retained
+        _assert_in_graph((nonfinite == 0).all(), op, "NaN or infinity, or ks out of range")
+    else:
         status = nonfinite.cpu()
         bad_rows = (status != 0).nonzero()
         if bad_rows.numel() > 0:  # one piece per non-empty row: find the row's piece
@@ -284,17 +293,21 @@ def _prune_masks_in_place(
     _prune_into(op, weights, checked, scope, key_bits, threshold_keys, remove_equal, list(masks))
 
 
-def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device):
-    """The CPU op's checks, with one copy to the host before any mask is written:
-    thresholds are keys (<= 32 bits), quotas >= 0 and at most the unit's ties
-    (counted where the quota is positive)."""
+def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device, trace):
+    """The CPU op's checks before any mask is written (one copy to the host; an
+    assertion in the graph when tracing): thresholds are keys (<= 32 bits),
+    quotas >= 0 and at most the unit's ties (counted where the quota is positive)."""
     inclusive = torch.cat([equal_counts.new_zeros(1), torch.cumsum(equal_counts, 0)])
-    starts = to_device(pieces.unit_starts, device, False)
+    starts = to_device(pieces.unit_starts, device, trace)
     ties = inclusive[starts[1:]] - inclusive[starts[:-1]]
     bad_key = thresholds > 0xFFFFFFFF
     negative = quotas < 0
     too_many = (thresholds >= 0) & ~bad_key & (quotas > ties)
-    flags = torch.stack([bad_key.any(), negative.any(), too_many.any()]).tolist()
+    flags = torch.stack([bad_key.any(), negative.any(), too_many.any()])
+    if trace:
+        _assert_in_graph(~flags.any(), op, "a threshold key or remove_equal quota is invalid")
+        return
+    flags = flags.tolist()
     if flags[0]:
         u = int(bad_key.nonzero()[0, 0])
         raise ValueError(f"{op}: threshold_keys[{u}] = {int(thresholds[u])} is not a valid key")
@@ -335,8 +348,7 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
         )  # fmt: skip
     # Equal keys before each piece within its unit: an exclusive scan over the
     # pieces in global order, restarted at each unit's first piece.
-    if not trace:
-        _check_prune_arguments(op, threshold_keys, remove_equal, equal_counts, pieces, device)
+    _check_prune_arguments(op, threshold_keys, remove_equal, equal_counts, pieces, device, trace)
     before = torch.cumsum(equal_counts, 0) - equal_counts
     unit_first_piece = pieces.unit_starts[pieces.unit]
     equal_before = before - before[to_device(unit_first_piece, device, trace)]
