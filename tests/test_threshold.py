@@ -394,6 +394,33 @@ def test_neuron_scope_with_masked_tensors_of_no_rows(backend, generator):
     assert all(torch.equal(g.cpu(), w.cpu()) for g, w in zip(got, want))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neuron_scope_rows_of_length_zero(backend, generator):
+    """A (3, 0) weight has 3 rows with nothing retained: k = 0 there prunes
+    nothing, k = 1 is out of range (the ops used to leave those rows' keys
+    unset, and the CPU op's output uninitialised)."""
+    shapes = [(4, 6), (3, 0), (2, 5)]
+    weights = [random_weights(s, torch.float32, "ties", generator) for s in shapes]
+    masks = [torch.ones(s, dtype=torch.bool) for s in shapes]
+    retained = retained_counts(weights, masks, "neuron")
+    assert retained.tolist() == [6] * 4 + [0] * 3 + [5] * 2
+    counts = retained // 2
+    got = sap_kernels.prune(weights, masks, counts, scope="neuron", backend=backend)
+    want = reference.prune_by_stable_sort(weights, masks, counts, "neuron")
+    assert all(torch.equal(g.cpu(), w.cpu()) for g, w in zip(got, want))
+    ks = retained.clamp(min=1)  # 1 for the empty rows
+    with pytest.raises(ValueError, match=r"(k|counts)\[4\] = 1 is out of range"):
+        sap_kernels.magnitude_threshold(weights, ks, masks, scope="neuron", backend=backend)
+    with pytest.raises(ValueError, match=r"counts\[5\] = 1 is out of range"):
+        sap_kernels.prune(weights, masks, counts + (torch.arange(9) == 5), scope="neuron",
+                          backend=backend)  # fmt: skip
+    if backend == "cpu":
+        keys = ops.rowwise_kth_key(weights, masks, 32, counts)
+        assert keys[4:7].tolist() == [[-1, 0]] * 3
+        with pytest.raises(ValueError, match=r"ks\[5\] = 2 is out of range: .*weights\[1\]"):
+            ops.rowwise_kth_key(weights, masks, 32, counts + 2 * (torch.arange(9) == 5))
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["avx512-if-present", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])

@@ -151,9 +151,10 @@ class OpChecks:
 
     def test_rowwise_kth_rejects_k_out_of_range(self):
         """As the CPU op (the Python API checks first, but not while compiling)."""
-        weights, masks = make_inputs([(4, 9), (3,)], torch.float32, True, 33, self.device)
+        shapes = [(4, 9), (3,), (3, 0)]  # rows of length 0 have no piece to check them
+        weights, masks = make_inputs(shapes, torch.float32, True, 33, self.device)
         retained = retained_counts(weights, masks, NEURON)
-        for row, shard, k in ((2, 0, int(retained[2]) + 1), (5, 1, -1)):
+        for row, shard, k in ((2, 0, int(retained[2]) + 1), (5, 1, -1), (8, 2, 1)):
             ks = retained.clone()
             ks[row] = k
             message = (

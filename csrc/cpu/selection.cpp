@@ -415,11 +415,31 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
       }
     }
   });
+  // Rows of length 0 have no segment: their result is (-1, 0), and only k = 0 is valid.
+  for (size_t s = 0; s < table.shards.size(); ++s) {
+    const Shard& shard = table.shards[s];
+    if (shard.numel != 0) continue;
+    const int64_t end =
+        s + 1 < table.shards.size() ? table.shards[s + 1].first_unit : table.num_units;
+    for (int64_t row = shard.first_unit; row < end; ++row) {
+      out_data[2 * row] = -1;
+      out_data[2 * row + 1] = 0;
+      if (k_data[row] != 0) {
+        errors.push_back(RowError{kRowBadK, row, int64_t(s), k_data[row], 0});
+        break;
+      }
+    }
+  }
+  const RowError* first = nullptr;  // the error of the lowest row
   for (const RowError& e : errors) {
+    if (e.status != kRowOk && (first == nullptr || e.row < first->row)) first = &e;
+  }
+  if (first != nullptr) {
+    const RowError& e = *first;
     TORCH_CHECK_VALUE(e.status != kRowNonfinite, op, ": weights[", e.shard,
                       "] contains NaN or infinity among its retained weights (row ", e.row,
                       " of all rows)");
-    TORCH_CHECK_VALUE(e.status != kRowBadK, op, ": ks[", e.row, "] = ", e.k,
+    TORCH_CHECK_VALUE(false, op, ": ks[", e.row, "] = ", e.k,
                       " is out of range: that row (in weights[", e.shard, "]) has ", e.retained,
                       " retained weights (allowed: 0..", e.retained, ")");
   }

@@ -218,6 +218,16 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
                              k_values.data_ptr<int64_t>(), result.data_ptr<int64_t>(),
                              nonfinite.data_ptr<int32_t>(), launch.stream),
       op);
+  // Rows of length 0 get no piece, hence no kernel check: only k = 0 is valid there.
+  for (size_t s = 0; s < table.shards.size(); ++s) {
+    const Shard& shard = table.shards[s];
+    const int64_t end =
+        s + 1 < table.shards.size() ? table.shards[s + 1].first_unit : table.num_units;
+    if (shard.numel == 0 && end > shard.first_unit) {
+      nonfinite.slice(0, shard.first_unit, end)
+          .masked_fill_(k_values.slice(0, shard.first_unit, end).ne(0), -1);
+    }
+  }
   // nonfinite[row] > 0: retained NaN/inf; -1: ks[row] outside 0..retained (the
   // kernel then put the row's retained count in result[row][1]).
   const at::Tensor bad = nonfinite.ne(0).nonzero();

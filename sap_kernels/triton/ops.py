@@ -240,14 +240,19 @@ def _rowwise_kth_key(
             group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
+    empty_rows = np.flatnonzero(np.diff(pieces.unit_starts) == 0)
+    if empty_rows.size > 0:  # no piece, so no kernel check: only k = 0 is valid there
+        rows = to_device(empty_rows, device, trace)
+        nonfinite[rows] = torch.where(ks[rows] != 0, -1, 0).to(nonfinite.dtype)
     if trace:  # > 0: retained NaN/inf; -1: ks[row] outside 0..retained
         _assert_in_graph((nonfinite == 0).all(), op, "NaN or infinity, or ks out of range")
     else:
         status = nonfinite.cpu()
         bad_rows = (status != 0).nonzero()
-        if bad_rows.numel() > 0:  # one piece per non-empty row: find the row's piece
+        if bad_rows.numel() > 0:
             row = int(bad_rows[0, 0])
-            shard = int(pieces.tensor[int(np.searchsorted(pieces.unit, row))])
+            row_ends = np.cumsum([rows_of(w) for w in weights])
+            shard = int(np.searchsorted(row_ends, row, side="right"))
             if int(status[row]) > 0:
                 raise _nonfinite_error(op, shard)
             retained = int(result[row, 1])
