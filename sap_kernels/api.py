@@ -8,9 +8,11 @@ import torch
 
 from . import ops
 from ._inputs import (
+    MASK_ERRORS,
     check_exponents,
     collect_masks,
     collect_weights,
+    explain_bad_masks,
     scope_code,
     split_neuron,
     uses_distribution,
@@ -36,11 +38,15 @@ def _power_sums(tensors, masks, p, q, scope, backend, group):
 
         return power_sums(tensors, masks, p, q, scope, backend, group)
     weights = collect_weights(tensors)
-    mask_list = collect_masks(masks, weights)
+    chosen = ops.resolve_backend(backend, weights.tensors)
+    mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
     p, q = check_exponents(p, q)
     code = scope_code(scope)
-    chosen = ops.resolve_backend(backend, weights.tensors)
-    sums = ops.masked_power_sums(chosen, weights.tensors, mask_list, p, q, code)
+    try:
+        sums = ops.masked_power_sums(chosen, weights.tensors, mask_list, p, q, code)
+    except MASK_ERRORS:
+        explain_bad_masks(masks, weights)
+        raise
     return weights, sums
 
 

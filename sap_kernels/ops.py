@@ -213,6 +213,12 @@ def prune_masks_by_sample_(backend: str, weights, masks, scope, key_bits, count,
     )
 
 
+def checks_masks(backend: str) -> bool:
+    """Whether the backend's ops check every mask's dtype, shape and device
+    before any work or write (csrc/shards.h; the Triton ops' check_inputs)."""
+    return backend in ("cpu", "cuda", "triton")
+
+
 def has_in_place_prune(backend: str) -> bool:
     """Whether `backend` writes pruned masks over the old ones (prune_masks_;
     on CPU also prune_masks_by_sample_); the reference backend builds new masks

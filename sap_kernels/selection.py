@@ -14,8 +14,10 @@ import torch
 
 from . import ops
 from ._inputs import (
+    MASK_ERRORS,
     collect_masks,
     collect_weights,
+    explain_bad_masks,
     num_rows,
     num_units,
     scope_code,
@@ -324,9 +326,9 @@ def magnitude_threshold(
 
         return distributed_threshold(tensors, k, masks, scope, backend, group)
     weights = collect_weights(tensors)
-    mask_list = collect_masks(masks, weights)
-    scope_code(scope)
     chosen = ops.resolve_backend(backend, weights.tensors)
+    mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
+    scope_code(scope)
     ks = _per_unit(k, num_units(weights, scope), "k", weights, scope)
     if chosen == "reference" and group is None:
         from .reference import magnitude_threshold_by_concatenation
@@ -338,7 +340,11 @@ def magnitude_threshold(
             _result_dtype(weights.tensors)
         )
     else:
-        keys, _, key_bits = _kth_keys(chosen, weights, mask_list, scope, ks, group, "k", False)
+        try:
+            keys, _, key_bits = _kth_keys(chosen, weights, mask_list, scope, ks, group, "k", False)
+        except MASK_ERRORS:
+            explain_bad_masks(masks, weights)
+            raise
         source = weights.tensors[0].dtype if key_bits == 16 else torch.float32
         values = keys_to_values(keys, key_bits, source).to(_result_dtype(weights.tensors))
     if scope == "global":
@@ -392,10 +398,18 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
         new_masks = distributed_prune(tensors, masks, counts, scope, backend, group)
         return _copy_into(masks, new_masks) if in_place else new_masks
     weights = collect_weights(tensors)
-    mask_list = collect_masks(masks, weights)
-    code = scope_code(scope)
     chosen = ops.resolve_backend(backend, weights.tensors)
+    mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
+    code = scope_code(scope)
     counts = _per_unit(counts, num_units(weights, scope), "counts", weights, scope)
+    try:
+        return _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_place)
+    except MASK_ERRORS:
+        explain_bad_masks(masks, weights)
+        raise
+
+
+def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_place: bool):
     tensors = weights.tensors
     key_bits = key_bits_for(tensors)
     # masks written where they are: no new masks (no page faults) and no copy;
@@ -413,7 +427,7 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
         return _copy_into(masks, new_masks) if in_place else new_masks
 
     sampled = (
-        _uses_sample_select(chosen, scope, group, key_bits)
+        _uses_sample_select(chosen, scope, None, key_bits)
         and bool((counts > 0).any())
         and all(w.is_contiguous() for w in tensors)  # its masks are contiguous
     )
@@ -428,7 +442,7 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
         if _sample_result(status, counts, "counts", True, labels) is not None:
             return finish(new_masks)
     keys, below, key_bits = _kth_keys(
-        chosen, weights, mask_list, scope, counts, group, "counts", True, sample=not sampled
+        chosen, weights, mask_list, scope, counts, None, "counts", True, sample=not sampled
     )
     args = (chosen, tensors, mask_list, code, key_bits, keys, counts.to(keys.device) - below)
     if write_over:
@@ -442,11 +456,15 @@ def apply_masks_(tensors, masks, *, backend: str = "auto"):
     weights = collect_weights(tensors)
     if masks is None:
         raise ValueError("apply_masks_: masks must not be None")
-    mask_list = collect_masks(masks, weights)
+    chosen = ops.resolve_backend(backend, weights.tensors)
+    mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
     missing = [i for i, m in enumerate(mask_list) if m is None]
     if missing:
         raise ValueError(f"apply_masks_: masks[{missing[0]}] is None")
-    chosen = ops.resolve_backend(backend, weights.tensors)
-    with torch.no_grad():
-        ops.apply_masks_(chosen, weights.tensors, mask_list)
+    try:
+        with torch.no_grad():
+            ops.apply_masks_(chosen, weights.tensors, mask_list)
+    except MASK_ERRORS:
+        explain_bad_masks(masks, weights)
+        raise
     return tensors

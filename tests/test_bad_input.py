@@ -66,6 +66,44 @@ def test_mask_wrong_dtype(backend):
         sap_kernels.pqi(weights, masks, backend=backend)
 
 
+MASK_CALLS = {
+    "pqi": lambda w, m, b: sap_kernels.pqi(w, m, backend=b),
+    "pqi-neuron": lambda w, m, b: sap_kernels.pqi(w, m, scope="neuron", backend=b),
+    "threshold": lambda w, m, b: sap_kernels.magnitude_threshold(w, 1, m, backend=b),
+    "threshold-neuron": lambda w, m, b: sap_kernels.magnitude_threshold(
+        w, 1, m, scope="neuron", backend=b
+    ),
+    "prune": lambda w, m, b: sap_kernels.prune(w, m, 2, backend=b),
+    "prune-layer": lambda w, m, b: sap_kernels.prune(w, m, 1, scope="layer", backend=b),
+    "prune_": lambda w, m, b: sap_kernels.prune_(w, m, 2, backend=b),
+    "apply_masks_": lambda w, m, b: sap_kernels.apply_masks_(w, m, backend=b),
+}
+BAD_MASKS = {
+    "shape": (lambda m: m[:3], ValueError, r"masks\[1\] has shape \(3,\) but tensors\[1\]"),
+    "dtype": (lambda m: m.float(), TypeError, r"masks\[1\] has dtype torch.float32; expected"),
+    "meta": (lambda m: m.to("meta"), ValueError, r"masks\[1\] is on meta but tensors\[1\]"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", sorted(MASK_CALLS))
+@pytest.mark.parametrize("bad", sorted(BAD_MASKS))
+def test_bad_mask_named_by_every_function(backend, call, bad):
+    """The kernel backends' ops check the masks (the API passes plain masks on
+    the weights' device through unchecked); either way the error is the API's,
+    naming the tensor, and nothing is modified."""
+    weights, masks = inputs(device_of(backend))
+    spoil, error, match = BAD_MASKS[bad]
+    masks[1] = spoil(masks[1])
+    before = [w.clone() for w in weights], [m.clone() for m in masks]
+    with pytest.raises(error, match=match):
+        MASK_CALLS[call](weights, masks, backend)
+    assert unchanged(before[0], weights)
+    assert all(
+        torch.equal(a.cpu(), b.cpu()) for a, b in zip(before[1], masks) if b.device.type != "meta"
+    )
+
+
 def test_mask_wrong_device():
     weights, masks = inputs()
     masks[1] = masks[1].to("meta")
