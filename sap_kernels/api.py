@@ -38,7 +38,7 @@ def _power_sums(tensors, masks, p, q, scope, backend, group):
 
         return power_sums(tensors, masks, p, q, scope, backend, group)
     weights = collect_weights(tensors)
-    chosen = ops.resolve_backend(backend, weights.tensors)
+    chosen = ops.resolve_backend(backend, weights.tensors, weights.dtypes)
     mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
     p, q = check_exponents(p, q)
     code = scope_code(scope)

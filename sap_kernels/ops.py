@@ -109,8 +109,9 @@ def _fastest_backend(device_type: str) -> str:
     return _backends_for_device_type(device_type)[0]
 
 
-def resolve_backend(backend: str, weights: list[torch.Tensor]) -> str:
-    """The backend that will run: `auto` picks the fastest available one."""
+def resolve_backend(backend: str, weights: list[torch.Tensor], dtypes=None) -> str:
+    """The backend that will run: `auto` picks the fastest available one.
+    `dtypes`: the weights' distinct dtypes, if the caller has them."""
     from ._inputs import BACKENDS, KERNEL_DTYPES
 
     if backend not in BACKENDS:
@@ -118,7 +119,7 @@ def resolve_backend(backend: str, weights: list[torch.Tensor]) -> str:
     device = weights[0].device
     if backend == "reference":
         return backend
-    supported = {w.dtype for w in weights} <= set(KERNEL_DTYPES)
+    supported = (dtypes if dtypes is not None else {w.dtype for w in weights}) <= set(KERNEL_DTYPES)
     if backend == "auto":
         # e.g. float64: only the reference evaluates it
         return _fastest_backend(device.type) if supported else "reference"

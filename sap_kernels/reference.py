@@ -49,9 +49,10 @@ def keys_to_values(keys: torch.Tensor, key_bits: int, dtype: torch.dtype) -> tor
     return keys.to(torch.int16).view(dtype)
 
 
-def key_bits_for(weights) -> int:
-    """16 when all weights share a 16-bit dtype (one radix pass), else 32."""
-    dtypes = {w.dtype for w in weights}
+def key_bits_for(weights, dtypes=None) -> int:
+    """16 when all weights share a 16-bit dtype (one radix pass), else 32.
+    `dtypes`: the weights' distinct dtypes, if the caller has them."""
+    dtypes = dtypes if dtypes is not None else {w.dtype for w in weights}
     return 16 if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} else 32
 
 

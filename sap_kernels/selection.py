@@ -242,7 +242,7 @@ def _kth_keys(
     number of retained keys below it. sample=False skips the one-pass sampled select
     (a caller whose own sampled pass just missed would miss again)."""
     tensors = weights.tensors
-    key_bits = key_bits_for(tensors)
+    key_bits = key_bits_for(tensors, weights.dtypes)
     code = scope_code(scope)
     if scope == "neuron":
         if group is not None:
@@ -305,9 +305,9 @@ def _kth_keys(
     return torch.cat(key_parts), torch.cat(below_parts), key_bits
 
 
-def _result_dtype(tensors) -> torch.dtype:
-    dtypes = {t.dtype for t in tensors}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+def _result_dtype(tensors, dtypes=None) -> torch.dtype:
+    dtypes = dtypes if dtypes is not None else {t.dtype for t in tensors}
+    return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
 
 
 def magnitude_threshold(
@@ -326,7 +326,7 @@ def magnitude_threshold(
 
         return distributed_threshold(tensors, k, masks, scope, backend, group)
     weights = collect_weights(tensors)
-    chosen = ops.resolve_backend(backend, weights.tensors)
+    chosen = ops.resolve_backend(backend, weights.tensors, weights.dtypes)
     mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
     scope_code(scope)
     ks = _per_unit(k, num_units(weights, scope), "k", weights, scope)
@@ -337,7 +337,7 @@ def magnitude_threshold(
         retained = _retained_per_unit(weights.tensors, mask_list, scope)
         _check_counts(ks, retained, "k", False, _unit_labels(weights, scope))
         values = magnitude_threshold_by_concatenation(weights.tensors, ks, mask_list, scope).to(
-            _result_dtype(weights.tensors)
+            _result_dtype(weights.tensors, weights.dtypes)
         )
     else:
         try:
@@ -346,7 +346,9 @@ def magnitude_threshold(
             explain_bad_masks(masks, weights)
             raise
         source = weights.tensors[0].dtype if key_bits == 16 else torch.float32
-        values = keys_to_values(keys, key_bits, source).to(_result_dtype(weights.tensors))
+        values = keys_to_values(keys, key_bits, source).to(
+            _result_dtype(weights.tensors, weights.dtypes)
+        )
     if scope == "global":
         return values[0]
     if scope == "layer":
@@ -398,7 +400,7 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
         new_masks = distributed_prune(tensors, masks, counts, scope, backend, group)
         return _copy_into(masks, new_masks) if in_place else new_masks
     weights = collect_weights(tensors)
-    chosen = ops.resolve_backend(backend, weights.tensors)
+    chosen = ops.resolve_backend(backend, weights.tensors, weights.dtypes)
     mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
     code = scope_code(scope)
     counts = _per_unit(counts, num_units(weights, scope), "counts", weights, scope)
@@ -411,7 +413,7 @@ def _prune(tensors, masks, counts, scope, backend, group, in_place: bool):
 
 def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_place: bool):
     tensors = weights.tensors
-    key_bits = key_bits_for(tensors)
+    key_bits = key_bits_for(tensors, weights.dtypes)
     # masks written where they are: no new masks (no page faults) and no copy;
     # an error or a sample's miss leaves them as they were
     write_over = (
@@ -456,7 +458,7 @@ def apply_masks_(tensors, masks, *, backend: str = "auto"):
     weights = collect_weights(tensors)
     if masks is None:
         raise ValueError("apply_masks_: masks must not be None")
-    chosen = ops.resolve_backend(backend, weights.tensors)
+    chosen = ops.resolve_backend(backend, weights.tensors, weights.dtypes)
     mask_list = collect_masks(masks, weights, op_checks=ops.checks_masks(chosen))
     missing = [i for i, m in enumerate(mask_list) if m is None]
     if missing:
