@@ -126,8 +126,8 @@ def test_compiled_api_on_gpu_stops_on_bad_input(backend, case, tmp_path):
         "import torch, sap_kernels\n"
         f"B = {backend!r}\n"
         "ws = [torch.randn(40, 30, device='cuda'), torch.randn(25, device='cuda')]\n"
-        f"if {case == 'pqi-nan'}:\n    ws[0][3, 4] = float('nan')\n"
-        f"f = torch.compile(lambda ws: {BAD_COMPILED_CALLS[case]}, fullgraph=True)\n"
+        + ("ws[0][3, 4] = float('nan')\n" if case == "pqi-nan" else "")
+        + f"f = torch.compile(lambda ws: {BAD_COMPILED_CALLS[case]}, fullgraph=True)\n"
         "out = f(ws)\n"
         "torch.cuda.synchronize()\n"
         "print('RETURNED', out)\n"
