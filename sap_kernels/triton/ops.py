@@ -16,9 +16,10 @@ _pieces.make_groups). Untested: compiling a Triton op needs CUDA tensors.
 import numpy as np
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import kernels, select_kernels
+from ._launch import BLOCK, CHUNK_ELEMENTS, PIECE_ELEMENTS, launcher
 from ._pieces import (
     GLOBAL,
     LAYER,
@@ -38,43 +39,6 @@ from ._pieces import (
     tracing,
 )
 
-
-def _launcher(kernel):
-    """`wrap_triton(kernel)`, so torch.compile can trace the launch. Under
-    TRITON_INTERPRET=1 a kernel is an InterpretedFunction, which torch 2.11's
-    wrap_triton rejects (2.13's accepts); the eager launch then goes unwrapped."""
-    try:
-        return _OnTensorsDevice(wrap_triton(kernel))
-    except RuntimeError:
-        return kernel
-
-
-class _OnTensorsDevice:
-    """Launches on the device (and its current stream) of the first tensor
-    argument: Triton launches on the current CUDA device, which need not be the
-    tensors' (cuda:1 with device 0 current). Compiled graphs set their own guard."""
-
-    def __init__(self, launcher):
-        self.launcher = launcher
-
-    def __getitem__(self, grid):
-        launch = self.launcher[grid]
-
-        def run(*args, **kwargs):
-            device = next(a.device for a in args if isinstance(a, torch.Tensor))
-            if device.type != "cuda" or torch.compiler.is_compiling():
-                return launch(*args, **kwargs)
-            with torch.cuda.device(device):
-                return launch(*args, **kwargs)
-
-        return run
-
-
-# A piece holds at most PIECE_ELEMENTS weights (so a lane sums at most
-# PIECE_ELEMENTS / BLOCK float32 terms); a program walks about CHUNK_ELEMENTS.
-PIECE_ELEMENTS = 1 << 15
-CHUNK_ELEMENTS = 1 << 16
-BLOCK = 1024
 REDUCE_BLOCK = 256
 # Neuron-scope rows this short are summed many rows per program (2-D tiles).
 SHORT_ROW = 1024
@@ -148,7 +112,7 @@ def _masked_power_sums(
         columns = triton.next_power_of_2(row_length)
         rows = rows_of(weights[i])
         grid = (triton.cdiv(rows, SHORT_TILE // columns),)
-        _launcher(kernels.short_rows_power_sums_kernel)[grid](
+        launcher(kernels.short_rows_power_sums_kernel)[grid](
             bits[i], mask_bytes[i] if mask_bytes[i] is not None else no_mask,
             0 if mask_bytes[i] is not None else -16, rows, row_length,
             int(np.searchsorted(pieces.tensor, i)), partials, p, q, safe_min, safe_max,
@@ -156,7 +120,7 @@ def _masked_power_sums(
             COLUMNS=columns,
         )  # fmt: skip
     for group in groups:
-        _launcher(kernels.power_sums_kernel)[(group.num_chunks,)](
+        launcher(kernels.power_sums_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, partials,
             p, q, safe_min, safe_max,
             WEIGHT_TYPE=group.weight_type, **kinds, ALIGNED=group.aligned, BLOCK=BLOCK,
@@ -168,11 +132,11 @@ def _masked_power_sums(
     out = torch.empty((pieces.num_units, 3), dtype=torch.float64, device=device)
     unit_starts = to_device(pieces.unit_starts, device, trace)
     if scope == NEURON and pieces.num_units > 0:
-        _launcher(kernels.reduce_many_units_kernel)[(triton.cdiv(pieces.num_units, 1024),)](
+        launcher(kernels.reduce_many_units_kernel)[(triton.cdiv(pieces.num_units, 1024),)](
             partials, unit_starts, out, pieces.num_units, UNITS=1024
         )
     elif pieces.num_units > 0:
-        _launcher(kernels.reduce_partials_kernel)[(pieces.num_units,)](
+        launcher(kernels.reduce_partials_kernel)[(pieces.num_units,)](
             partials, unit_starts, out, BLOCK=REDUCE_BLOCK
         )
     return out
@@ -205,7 +169,7 @@ def _magnitude_histogram(
     histogram = torch.zeros((pieces.num_units, 65536), dtype=torch.int64, device=device)
     prefixes = prefixes.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
-        _launcher(select_kernels.histogram_kernel)[(group.num_chunks,)](
+        launcher(select_kernels.histogram_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, prefixes,
             histogram,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, PASS_INDEX=pass_index,
@@ -236,7 +200,7 @@ def _rowwise_kth_key(
     nonfinite = torch.zeros(pieces.num_units, dtype=torch.int32, device=device)
     ks = ks.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
-        _launcher(select_kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
+        launcher(select_kernels.rowwise_kth_kernel)[(int(group.table.shape[0]),)](
             group.weight_base, group.mask_base, group.table, ks, result, nonfinite,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=KTH_BLOCK,
         )  # fmt: skip
@@ -346,7 +310,7 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
     remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
     equal_counts = torch.zeros(pieces.count, dtype=torch.int64, device=device)
     for group in groups:
-        _launcher(select_kernels.count_equal_kernel)[(group.num_chunks,)](
+        launcher(select_kernels.count_equal_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts, threshold_keys,
             remove_equal, equal_counts,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=group.aligned, BLOCK=BLOCK,
@@ -367,7 +331,7 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
                 [out_views[i] if i in group.members else None for i in range(len(weights))]
             )
         out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
-        _launcher(select_kernels.prune_kernel)[(group.num_chunks,)](
+        launcher(select_kernels.prune_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, out_base, group.table,
             to_device(out_begins, device, trace),
             group.chunk_starts, threshold_keys, remove_equal, equal_before,
@@ -390,7 +354,7 @@ def _apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
     pieces = make_pieces(targets, GLOBAL, PIECE_ELEMENTS)
     groups = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     for group in groups:
-        _launcher(select_kernels.apply_masks_kernel)[(group.num_chunks,)](
+        launcher(select_kernels.apply_masks_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts,
             ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
