@@ -188,18 +188,26 @@ def rowwise_kth_key(backend: str, weights, masks, key_bits, ks):
 
 def has_sample_select(backend: str) -> bool:
     """Whether `backend` has kth_key_by_sample (the one-pass global and layer
-    selection)."""
+    selection; eager calls only)."""
+    return backend in ("cpu", "triton")
+
+
+def has_sample_prune(backend: str) -> bool:
+    """Whether `backend` selects and prunes in one sampled pass
+    (prune_masks_by_sample and its in-place form)."""
     return backend == "cpu"
 
 
 def kth_key_by_sample(backend: str, weights, masks, scope, key_bits, k, sample_size):
     if not has_sample_select(backend):
         raise NotImplementedError(f"kth_key_by_sample has no {backend!r} kernel")
+    if backend == "triton":
+        return _triton_ops().kth_key_by_sample(weights, masks, scope, key_bits, k, sample_size)
     return torch.ops.sap_kernels.kth_key_by_sample(weights, masks, scope, key_bits, k, sample_size)
 
 
 def prune_masks_by_sample(backend: str, weights, masks, scope, key_bits, count, sample_size):
-    if not has_sample_select(backend):
+    if not has_sample_prune(backend):
         raise NotImplementedError(f"prune_masks_by_sample has no {backend!r} kernel")
     return torch.ops.sap_kernels.prune_masks_by_sample(
         weights, masks, scope, key_bits, count, sample_size
@@ -207,7 +215,7 @@ def prune_masks_by_sample(backend: str, weights, masks, scope, key_bits, count, 
 
 
 def prune_masks_by_sample_(backend: str, weights, masks, scope, key_bits, count, sample_size):
-    if not has_sample_select(backend):
+    if not has_sample_prune(backend):
         raise NotImplementedError(f"prune_masks_by_sample_ has no {backend!r} kernel")
     return torch.ops.sap_kernels.prune_masks_by_sample_(
         weights, masks, scope, key_bits, count, sample_size

@@ -169,11 +169,13 @@ def _uses_sample_select(backend, scope: str, group, key_bits: int) -> bool:
     """The one-pass global or layer selection applies: one process, eager mode (a
     miss is data-dependent, so compiled graphs use the radix select). With 16-bit
     keys the radix select is a single pass too, but its scattered histogram
-    increments are slower than the sampled pass's vectorised compares; in layer
-    scope 16-bit keys are not sampled (no faster, and pruning was slower: the
-    coarse keys put more weights in each unit's bracket)."""
+    increments are slower than the sampled pass's vectorised compares; on CPU,
+    16-bit keys are not sampled in layer scope (no faster, and pruning was
+    slower: the coarse keys put more weights in each unit's bracket). On Triton
+    the sampled pass spares every scope the radix histogram's global atomic per
+    retained weight."""
     return (
-        (scope == "global" or (scope == "layer" and key_bits == 32))
+        (scope == "global" or (scope == "layer" and (key_bits == 32 or backend == "triton")))
         and group is None
         and ops.has_sample_select(backend)
         and not _compiling()
@@ -429,7 +431,8 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
         return _copy_into(masks, new_masks) if in_place else new_masks
 
     sampled = (
-        _uses_sample_select(chosen, scope, None, key_bits)
+        ops.has_sample_prune(chosen)
+        and _uses_sample_select(chosen, scope, None, key_bits)
         and bool((counts > 0).any())
         and all(w.is_contiguous() for w in tensors)  # its masks are contiguous
     )

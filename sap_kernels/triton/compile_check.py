@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import kernels, select_kernels  # noqa: E402
+from . import kernels, sample_kernels, select_kernels  # noqa: E402
 
 I64 = "*i64"
 BITS = {kernels.FLOAT32: "*i32", kernels.BFLOAT16: "*i16", kernels.FLOAT16: "*i16"}
@@ -60,6 +60,22 @@ def _variants():
             {**common, "ks": I64, "result": I64, "nonfinite": "*i32"},
             {"WEIGHT_TYPE": weight_type, "KEY_BITS": 32, "BLOCK": 1024},
         )
+        yield (
+            f"sample_keys[{weight_type}]",
+            sample_kernels.sample_keys_kernel,
+            {**common, "sample_rows": I64, "sample_offsets": I64, "keys": I64,
+             "num_samples": "i64"},
+            {"WEIGHT_TYPE": weight_type, "KEY_BITS": key_bits, "BLOCK": 1024},
+        )  # fmt: skip
+        yield (
+            f"bracket_histogram[{weight_type}]",
+            sample_kernels.bracket_histogram_kernel,
+            {**common, "chunk_starts": I64, "lows": I64, "highs": I64, "shifts": I64,
+             "counters": I64, "histogram": I64, "bins_per_unit": "i64"},
+            {"WEIGHT_TYPE": weight_type, "KEY_BITS": key_bits,
+             "INF_KEY": 0x7F800000 if key_bits == 32 else 0x7F80, "ALIGNED": True,
+             "BLOCK": 1024},
+        )  # fmt: skip
         yield (
             f"count_equal[{weight_type}]",
             select_kernels.count_equal_kernel,

@@ -18,7 +18,7 @@ import torch
 import triton
 from torch.library import triton_op
 
-from . import kernels, select_kernels
+from . import kernels, sample_select, select_kernels
 from ._launch import BLOCK, CHUNK_ELEMENTS, PIECE_ELEMENTS, launcher
 from ._pieces import (
     GLOBAL,
@@ -378,6 +378,16 @@ def magnitude_histogram(weights, masks, scope, key_bits, prefixes, pass_index) -
     weights = list(weights)
     return _magnitude_histogram(
         weights, _mask_list(weights, masks), int(scope), int(key_bits), prefixes, int(pass_index)
+    )
+
+
+def kth_key_by_sample(weights, masks, scope, key_bits, k, sample_size) -> torch.Tensor:
+    """int64 [units, 4]: (k-th smallest retained key, keys below it, retained,
+    non-finite) per unit, key -2 when the sample missed (sample_select.py). Not
+    a registered op: it decides on the host (eager calls only)."""
+    weights = list(weights)
+    return sample_select.kth_key_by_sample(
+        weights, _mask_list(weights, masks), int(scope), int(key_bits), k, int(sample_size)
     )
 
 
