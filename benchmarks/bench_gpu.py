@@ -12,7 +12,8 @@ weights, p = 0.5, q = 1):
   pqi               sap_kernels.pqi per backend; eager per-tensor loop (float32
                     powers, float64 sums); eager torch.cat + vector_norm;
                     torch._foreach_norm (unmasked); torch.compile of the loop
-  threshold         sap_kernels.magnitude_threshold per backend; torch.kthvalue
+  threshold         sap_kernels.magnitude_threshold per backend (and the radix
+                    select alone where the API samples first); torch.kthvalue
                     and torch.topk(k, largest=False) on the concatenated |w|
   prune / prune_    sap_kernels.prune (new masks) and prune_ (in place; the
                     masks' reset runs before each timed call, untimed); eager:
@@ -44,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 import sap_kernels
+from sap_kernels import ops, selection
 from sap_kernels.benchmarking import (
     bytes_of,
     llm_shaped_weights,
@@ -53,6 +55,7 @@ from sap_kernels.benchmarking import (
     random_masks,
     synchronize,
 )
+from sap_kernels.reference import key_bits_for, keys_to_values
 from sap_kernels.sparsity import pqi_from_sums
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -219,6 +222,17 @@ def run_configuration(weights, masks, device, backends, repeats, compile_loop, b
     for b in backends:
         fn = lambda b=b: sap_kernels.magnitude_threshold(weights, k, masks, backend=b)  # noqa: E731
         runner.time("threshold", f"sap_kernels {b}", fn, check=threshold_error, memory=True)
+    for b in sampled_backends(backends):
+        # the API brackets the k-th key with a sample first; the radix select
+        # (what compiled graphs and a sample's miss use) for comparison
+        row = runner.time(
+            "threshold",
+            f"sap_kernels {b} radix",
+            lambda b=b: radix_threshold(b, weights, mask_list, k),
+            check=threshold_error,
+            memory=True,
+        )
+        row["note"] = "radix select: histogram passes, no sample"
     runner.time(
         "threshold",
         "cat + torch.kthvalue",
@@ -286,12 +300,30 @@ def run_configuration(weights, masks, device, backends, repeats, compile_loop, b
     return runner.rows
 
 
-def methods_per_configuration(backends: int, masked: bool, compiled: bool) -> int:
+def sampled_backends(backends) -> list:
+    """The backends whose API threshold takes the sampled select."""
+    return [b for b in backends if ops.has_sample_select(b)]
+
+
+def radix_threshold(backend, weights, mask_list, k):
+    """The global k-th smallest retained |w| by the radix select alone."""
+    key_bits = key_bits_for(weights)
+    keys, _ = selection._select_radix(
+        backend, weights, mask_list, 0, key_bits, torch.tensor([k]), None, "k", False, str,
+        selection._nonfinite_digit(key_bits, weights[0].dtype),
+    )  # fmt: skip
+    return keys_to_values(keys, key_bits, weights[0].dtype)
+
+
+def methods_per_configuration(backends, masked: bool, compiled: bool) -> int:
     """Rows run_configuration adds: the probe, PQI (+ eager x2, + _foreach_norm
-    unmasked, + compiled), threshold (+ 2), prune and prune_ (+ 1), and with
-    masks apply_masks_ (+ 2)."""
-    rows = 1 + (backends + 2 + (not masked) + compiled) + (backends + 2) + (2 * backends + 1)
-    return rows + (backends + 2 if masked else 0)
+    unmasked, + compiled), threshold (+ 2, + the radix select of each backend
+    with a sampled one), prune and prune_ (+ 1), and with masks apply_masks_
+    (+ 2)."""
+    n = len(backends)
+    threshold = n + 2 + len(sampled_backends(backends))
+    rows = 1 + (n + 2 + (not masked) + compiled) + threshold + (2 * n + 1)
+    return rows + (n + 2 if masked else 0)
 
 
 def main(argv=None) -> int:
@@ -325,7 +357,7 @@ def main(argv=None) -> int:
         "targets": [],
     }
     bar = tqdm(
-        total=len(dtypes) * sum(methods_per_configuration(len(backends), m != "none",
+        total=len(dtypes) * sum(methods_per_configuration(backends, m != "none",
                                                           not args.no_compile) for m in mask_modes),
         desc="bench_gpu",
         file=sys.stderr,

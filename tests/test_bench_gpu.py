@@ -34,8 +34,8 @@ def test_small_run_writes_exact_results(tmp_path, device, backends):
     assert bench_gpu.main(argv) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     rows = result["rows"]
-    n = len(backends.split(","))
-    expected_rows = sum(bench_gpu.methods_per_configuration(n, m, False) for m in (False, True))
+    names = backends.split(",")
+    expected_rows = sum(bench_gpu.methods_per_configuration(names, m, False) for m in (False, True))
     assert len(rows) == expected_rows  # the progress bar's total
     assert result["command"].endswith("--out " + str(out))
     sap_rows = [r for r in rows if r["method"].startswith("sap_kernels")]
@@ -43,8 +43,12 @@ def test_small_run_writes_exact_results(tmp_path, device, backends):
         (op, masked, f"sap_kernels {b}")
         for op in ("pqi", "threshold", "prune", "prune_", "apply_masks_")
         for masked in (False, True)
-        for b in backends.split(",")
+        for b in names
         if op != "apply_masks_" or masked
+    } | {
+        ("threshold", masked, f"sap_kernels {b} radix")
+        for masked in (False, True)
+        for b in bench_gpu.sampled_backends(names)
     }
     for r in sap_rows:
         assert r["status"] == "ok", r
