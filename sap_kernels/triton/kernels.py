@@ -80,6 +80,26 @@ def _full_tile(weight_bits, mask_bytes, begin, mask_begin, offsets):
 
 
 @triton.jit
+def _piece_span(pieces, index, WEIGHT_TYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """(begin, length, mask_begin) of piece-table row `index`. With ALIGNED (the
+    host checked that every piece's weights and mask bytes start 16 bytes from
+    16-byte aligned bases) they carry the divisibility hints that let the tile
+    loads become 16-byte vector loads; a hint must sit where the value is
+    loaded (on a kernel argument it is lost)."""
+    row = pieces + index * 5
+    begin = tl.load(row)
+    length = tl.load(row + 1)
+    mask_begin = tl.load(row + 2)
+    if ALIGNED:
+        if WEIGHT_TYPE == 0:
+            begin = tl.multiple_of(begin, 4)
+        else:
+            begin = tl.multiple_of(begin, 8)
+        mask_begin = tl.multiple_of(mask_begin, 16)
+    return begin, length, mask_begin
+
+
+@triton.jit
 def _tail_tile(weight_bits, mask_bytes, begin, mask_begin, offsets, length):
     """Raw bits and retained flags of the last, partial tile of a piece."""
     valid = offsets < length
@@ -213,17 +233,8 @@ def power_sums_kernel(
     last = tl.load(chunk_starts + chunk + 1)
     lanes = tl.arange(0, BLOCK)
     for index in range(first, last):
+        begin, length, mask_begin = _piece_span(pieces, index, WEIGHT_TYPE, ALIGNED)
         row = pieces + index * 5
-        begin = tl.load(row)
-        length = tl.load(row + 1)
-        mask_begin = tl.load(row + 2)
-        if ALIGNED:  # the host checked: weights and mask bytes start 16-byte aligned
-            # (hints must sit where the value is loaded: on an argument they are lost)
-            if WEIGHT_TYPE == 0:
-                begin = tl.multiple_of(begin, 4)
-            else:
-                begin = tl.multiple_of(begin, 8)
-            mask_begin = tl.multiple_of(mask_begin, 16)
         piece = tl.load(row + 4)
         sums = (
             tl.zeros([BLOCK], tl.float32),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _full_tile, _key, _tail_tile
+from .kernels import _full_tile, _key, _piece_span, _tail_tile
 
 
 @triton.jit
@@ -92,16 +92,8 @@ def bracket_histogram_kernel(
     last = tl.load(chunk_starts + chunk + 1)
     lanes = tl.arange(0, BLOCK)
     for index in range(first, last):
+        begin, length, mask_begin = _piece_span(pieces, index, WEIGHT_TYPE, ALIGNED)
         row = pieces + index * 5
-        begin = tl.load(row)
-        length = tl.load(row + 1)
-        mask_begin = tl.load(row + 2)
-        if ALIGNED:  # hints where the value is loaded (see histogram_kernel)
-            if WEIGHT_TYPE == 0:
-                begin = tl.multiple_of(begin, 4)
-            else:
-                begin = tl.multiple_of(begin, 8)
-            mask_begin = tl.multiple_of(mask_begin, 16)
         unit = tl.load(row + 3)
         low = tl.load(lows + unit).to(tl.int32)  # keys are < 2^31
         high = tl.load(highs + unit).to(tl.int32)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _full_tile, _key, _retained, _tail_tile
+from .kernels import _full_tile, _key, _piece_span, _retained, _tail_tile
 
 
 @triton.jit
@@ -51,17 +51,8 @@ def histogram_kernel(
     lanes = tl.arange(0, BLOCK)
     ones = tl.full([BLOCK], 1, tl.int64)
     for index in range(first, last):
+        begin, length, mask_begin = _piece_span(pieces, index, WEIGHT_TYPE, ALIGNED)
         row = pieces + index * 5
-        begin = tl.load(row)
-        length = tl.load(row + 1)
-        mask_begin = tl.load(row + 2)
-        if ALIGNED:  # the host checked: weights and mask bytes start 16-byte aligned
-            # (hints must sit where the value is loaded: on an argument they are lost)
-            if WEIGHT_TYPE == 0:
-                begin = tl.multiple_of(begin, 4)
-            else:
-                begin = tl.multiple_of(begin, 8)
-            mask_begin = tl.multiple_of(mask_begin, 16)
         unit = tl.load(row + 3)
         prefix = tl.load(prefixes + unit).to(tl.int32)
         bins = histogram + unit * 65536
@@ -174,17 +165,8 @@ def count_equal_kernel(
     last = tl.load(chunk_starts + chunk + 1)
     lanes = tl.arange(0, BLOCK)
     for index in range(first, last):
+        begin, length, mask_begin = _piece_span(pieces, index, WEIGHT_TYPE, ALIGNED)
         row = pieces + index * 5
-        begin = tl.load(row)
-        length = tl.load(row + 1)
-        mask_begin = tl.load(row + 2)
-        if ALIGNED:  # the host checked: weights and mask bytes start 16-byte aligned
-            # (hints must sit where the value is loaded: on an argument they are lost)
-            if WEIGHT_TYPE == 0:
-                begin = tl.multiple_of(begin, 4)
-            else:
-                begin = tl.multiple_of(begin, 8)
-            mask_begin = tl.multiple_of(mask_begin, 16)
         unit = tl.load(row + 3)
         piece = tl.load(row + 4)
         threshold = tl.load(threshold_keys + unit)
