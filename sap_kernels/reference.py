@@ -49,6 +49,18 @@ def keys_to_values(keys: torch.Tensor, key_bits: int, dtype: torch.dtype) -> tor
     return keys.to(torch.int16).view(dtype)
 
 
+def bin_of_rank(hist: torch.Tensor, rank: torch.Tensor):
+    """Per unit (row of `hist`): the bin holding the rank-th counted key (ranks
+    below 1 count as 1; past the total, the last bin), the count in the bins
+    before it, and the total count. The step shared by every radix select."""
+    cumulative = hist.cumsum(1)
+    digit = torch.searchsorted(cumulative, rank.clamp(min=1)[:, None]).squeeze(1)
+    digit = digit.clamp(max=hist.shape[1] - 1)
+    previous = cumulative.gather(1, (digit - 1).clamp(min=0)[:, None]).squeeze(1)
+    before = torch.where(digit > 0, previous, torch.zeros_like(previous))
+    return digit, before, cumulative[:, -1]
+
+
 def key_bits_for(weights, dtypes=None) -> int:
     """16 when all weights share a 16-bit dtype (one radix pass), else 32.
     `dtypes`: the weights' distinct dtypes, if the caller has them."""

@@ -24,7 +24,7 @@ from ._inputs import (
     split_neuron,
     uses_distribution,
 )
-from .reference import key_bits_for, keys_to_values
+from .reference import bin_of_rank, key_bits_for, keys_to_values
 
 # Units per histogram call in layer scope: 64 x 65,536 int64 = 32 MiB.
 _UNITS_PER_HISTOGRAM = 64
@@ -123,27 +123,16 @@ def _select_radix(
 
         hist = all_reduce_histogram(hist, group)
     _check_finite_histogram(hist, nonfinite_digit, labels)
-    cumulative = hist.cumsum(1)
-    _check_counts(ks, cumulative[:, -1], argument, allow_zero, labels)
-    target = ks.clamp(min=1)
-    digit = torch.searchsorted(cumulative, target[:, None]).squeeze(1).clamp(max=65535)
-    below = torch.where(
-        digit > 0, cumulative.gather(1, (digit - 1).clamp(min=0)[:, None]).squeeze(1), zeros
-    )
+    digit, below, retained = bin_of_rank(hist, ks)
+    _check_counts(ks, retained, argument, allow_zero, labels)
     keys, final_digit = digit, digit
     if key_bits == 32:
         hist_low = ops.magnitude_histogram(backend, tensors, masks, code, key_bits, digit, 1)
         local_hist = hist_low
         if group is not None:
             hist_low = all_reduce_histogram(hist_low, group)
-        cumulative_low = hist_low.cumsum(1)
-        digit_low = torch.searchsorted(cumulative_low, (target - below)[:, None]).squeeze(1)
-        digit_low = digit_low.clamp(max=65535)
-        below = below + torch.where(
-            digit_low > 0,
-            cumulative_low.gather(1, (digit_low - 1).clamp(min=0)[:, None]).squeeze(1),
-            zeros,
-        )
+        digit_low, below_in_bin, _ = bin_of_rank(hist_low, ks.clamp(min=1) - below)
+        below = below + below_in_bin
         keys, final_digit, hist = (digit << 16) | digit_low, digit_low, hist_low
     if tie_counts is not None:
         final = final_digit[:, None]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..reference import bin_of_rank
 from ._launch import BLOCK, CHUNK_ELEMENTS, PIECE_ELEMENTS, launcher
 from ._pieces import (
     GLOBAL,
@@ -114,7 +115,7 @@ def _select(weights, masks, scope, key_bits, k, sample_size):
     below, retained, nonfinite = counters.unbind(1)
     found = (k > 0) & (k <= retained) & (nonfinite == 0)
     rank = k - below
-    digit, before, inside = _pick_bin(hist, rank)
+    digit, before, inside = bin_of_rank(hist, rank)
     hit = found & (rank >= 1) & (rank <= inside)
     key = low + (digit << shift)
     below = below + before
@@ -141,7 +142,7 @@ def _select(weights, masks, scope, key_bits, k, sample_size):
             sub_groups, sub_units, low_next, high_next, shift_next, key_bits, bins_log2, inf_key
         )
         below_next = counters_next[:, 0]
-        digit_next, before_next, _ = _pick_bin(hist_next, k[todo] - below_next)
+        digit_next, before_next, _ = bin_of_rank(hist_next, k[todo] - below_next)
         key[todo] = low_next + (digit_next << shift_next)
         below[todo] = below_next + before_next
         high[todo], shift[todo] = high_next, shift_next
@@ -165,17 +166,6 @@ def _shift_for(width: torch.Tensor, bins_log2: int) -> torch.Tensor:
         width > 0, torch.floor(torch.log2(width.clamp(min=1).double())).long() + 1, 0
     )
     return (bit_length - bins_log2).clamp(min=0)
-
-
-def _pick_bin(hist: torch.Tensor, rank: torch.Tensor):
-    """Per unit: the bin holding the rank-th counted key (rank >= 1), the count
-    in the bins before it, and the total count."""
-    cumulative = hist.cumsum(1)
-    digit = torch.searchsorted(cumulative, rank.clamp(min=1)[:, None]).squeeze(1)
-    digit = digit.clamp(max=hist.shape[1] - 1)
-    previous = cumulative.gather(1, (digit - 1).clamp(min=0)[:, None]).squeeze(1)
-    before = torch.where(digit > 0, previous, torch.zeros_like(previous))
-    return digit, before, cumulative[:, -1]
 
 
 def _bracket_pass(groups, units, low, high, shift, key_bits, bins_log2, inf_key):
