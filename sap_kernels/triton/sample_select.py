@@ -43,6 +43,7 @@ from ._pieces import (
     make_pieces,
     to_device,
 )
+from .kernels import FLOAT32_INF_BITS
 from .sample_kernels import bracket_histogram_kernel, sample_keys_kernel
 
 MISS = -2
@@ -155,8 +156,9 @@ def _select(weights, masks, scope, key_bits, k, sample_size):
 
 
 def _inf_key(key_bits: int, dtype: torch.dtype) -> int:
+    """The key of infinity: keys at or above it are NaN or infinite."""
     if key_bits == 32:
-        return 0x7F800000
+        return FLOAT32_INF_BITS
     return 0x7F80 if dtype == torch.bfloat16 else 0x7C00
 
 
