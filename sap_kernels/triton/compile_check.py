@@ -88,7 +88,7 @@ def _variants():
             select_kernels.prune_kernel,
             {**common, "out_bytes": "*u8", "out_begins": I64, "chunk_starts": I64,
              "threshold_keys": I64, "remove_equal": I64, "equal_before": I64},
-            {"WEIGHT_TYPE": weight_type, "KEY_BITS": key_bits, "BLOCK": 1024},
+            {"WEIGHT_TYPE": weight_type, "KEY_BITS": key_bits, "ALIGNED": True, "BLOCK": 1024},
         )  # fmt: skip
         yield (
             f"apply_masks[{weight_type}]",

@@ -331,11 +331,15 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
                 [out_views[i] if i in group.members else None for i in range(len(weights))]
             )
         out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
+        # 16-byte output stores need what the group's loads need, for the outputs too.
+        aligned = (
+            group.aligned and out_base.data_ptr() % 16 == 0 and bool((out_begins % 16 == 0).all())
+        )
         launcher(select_kernels.prune_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, out_base, group.table,
             to_device(out_begins, device, trace),
             group.chunk_starts, threshold_keys, remove_equal, equal_before,
-            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=BLOCK,
+            WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=aligned, BLOCK=BLOCK,
         )  # fmt: skip
 
 

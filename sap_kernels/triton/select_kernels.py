@@ -187,6 +187,23 @@ def count_equal_kernel(
 
 
 @triton.jit
+def _pruned_tile(bits, keep, threshold, quota, seen, WEIGHT_TYPE, KEY_BITS):
+    """(new retained flags, seen') of one tile of a unit with threshold t >= 0:
+    keep_i and not (key_i < t or (key_i == t and rank_i < quota)), rank_i =
+    seen + the in-tile inclusive count of retained keys equal to t - 1. Once
+    seen >= quota no equal key is removed, so the scan is skipped: with
+    real-valued weights that is every tile but the few holding the tie."""
+    key = _key(bits, WEIGHT_TYPE, KEY_BITS).to(tl.int64)
+    removed = key < threshold
+    if seen < quota:
+        equal = keep & (key == threshold)
+        rank = seen + tl.cumsum(equal.to(tl.int64), axis=0) - 1
+        removed = removed | (equal & (rank < quota))
+        seen += tl.sum(equal.to(tl.int64), axis=0)
+    return keep & ~removed, seen
+
+
+@triton.jit
 def prune_kernel(
     weight_bits,
     mask_bytes,
@@ -199,40 +216,42 @@ def prune_kernel(
     equal_before,
     WEIGHT_TYPE: tl.constexpr,
     KEY_BITS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """New mask of one piece: keep_i and not (key_i < t or (key_i == t and
-    rank_i < remove_equal[unit])), t = threshold_keys[unit] (t < 0: nothing
-    removed), rank_i = number of retained keys equal to t before i in the unit's
-    flat order = equal_before[piece] + an in-piece inclusive scan - 1.
-    out_begins[index] is the piece's byte offset from the output masks' base."""
+    rank_i < remove_equal[unit])), t = threshold_keys[unit] (t < 0: the old
+    mask is copied), rank_i = number of retained keys equal to t before i in
+    the unit's flat order = equal_before[piece] + an in-piece inclusive scan -
+    1. out_begins[index] is the piece's byte offset from the output masks'
+    base; with ALIGNED it is a multiple of 16 too."""
     chunk = tl.program_id(0)
     first = tl.load(chunk_starts + chunk)
     last = tl.load(chunk_starts + chunk + 1)
     lanes = tl.arange(0, BLOCK)
     for index in range(first, last):
+        begin, length, mask_begin = _piece_span(pieces, index, WEIGHT_TYPE, ALIGNED)
         row = pieces + index * 5
-        begin = tl.load(row)
-        length = tl.load(row + 1)
-        mask_begin = tl.load(row + 2)
         unit = tl.load(row + 3)
         piece = tl.load(row + 4)
         out_begin = tl.load(out_begins + index)
+        if ALIGNED:
+            out_begin = tl.multiple_of(out_begin, 16)
         threshold = tl.load(threshold_keys + unit)
-        active = threshold >= 0
-        quota = tl.load(remove_equal + unit)
+        # A unit that prunes nothing gets quota 0 and a threshold below every key.
+        quota = tl.where(threshold >= 0, tl.load(remove_equal + unit), 0)
+        threshold = tl.maximum(threshold, 0)
         seen = tl.load(equal_before + piece)
-        for start in range(0, length, BLOCK):
-            offsets = start + lanes
-            valid = offsets < length
-            bits = tl.load(weight_bits + begin + offsets, mask=valid, other=0)
-            keep = _retained(mask_bytes, mask_begin, offsets, valid)
-            key = _key(bits, WEIGHT_TYPE, KEY_BITS).to(tl.int64)
-            equal = keep & (key == threshold) & active
-            rank = seen + tl.cumsum(equal.to(tl.int64), axis=0) - 1
-            removed = active & ((key < threshold) | (equal & (rank < quota)))
-            tl.store(out_bytes + out_begin + offsets, (keep & ~removed).to(tl.uint8), mask=valid)
-            seen += tl.sum(equal.to(tl.int64), axis=0)
+        full_end = length // BLOCK * BLOCK
+        for start in range(0, full_end, BLOCK):
+            bits, keep = _full_tile(weight_bits, mask_bytes, begin, mask_begin, start + lanes)
+            kept, seen = _pruned_tile(bits, keep, threshold, quota, seen, WEIGHT_TYPE, KEY_BITS)
+            tl.store(out_bytes + out_begin + start + lanes, kept.to(tl.uint8))
+        if full_end < length:
+            offsets = full_end + lanes
+            bits, keep = _tail_tile(weight_bits, mask_bytes, begin, mask_begin, offsets, length)
+            kept, seen = _pruned_tile(bits, keep, threshold, quota, seen, WEIGHT_TYPE, KEY_BITS)
+            tl.store(out_bytes + out_begin + offsets, kept.to(tl.uint8), mask=offsets < length)
 
 
 @triton.jit
