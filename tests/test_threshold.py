@@ -8,7 +8,7 @@ import torch
 from conftest import kernel_backends, random_mask, random_weights
 
 import sap_kernels
-from sap_kernels import reference
+from sap_kernels import reference, selection
 
 BACKENDS = [*kernel_backends(), pytest.param("reference", id="reference")]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -137,6 +137,29 @@ def test_zeros_negative_zeros_and_subnormals(backend, dtype, generator):
         retained = retained_counts(weights, None, scope)
         for ks in (torch.ones_like(retained), retained, random_ks(retained, generator)):
             check_threshold(weights, None, ks, scope, backend)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["zeros", "ties", "heavy"])
+def test_radix_select_path(backend, scope, dtype, kind, generator, monkeypatch):
+    """The radix select that compiled graphs, distributed calls and sample misses
+    take, forced here: eager calls sample first on the backends that can, so the
+    other tests reach it only through misses. k = 1 lands on zero keys (digit 0
+    of the histograms) in the 'zeros' and 'ties' weights. A wrong count of keys
+    below the k-th one leaves the threshold right, so `prune` (whose tie quota
+    is k - below) is checked too."""
+    monkeypatch.setattr(selection, "_uses_sample_select", lambda *args: False)
+    shapes = SHAPES[:-1] + [(3, 5_001)]
+    weights = [random_weights(s, dtype, kind, generator) for s in shapes]
+    masks = make_masks(shapes, 0.3, generator, scope)
+    retained = retained_counts(weights, masks, scope)
+    for ks in (torch.ones_like(retained), retained, random_ks(retained, generator)):
+        check_threshold(weights, masks, ks, scope, backend)
+        got = sap_kernels.prune(weights, masks, ks, scope=scope, backend=backend)
+        want = reference.prune_by_stable_sort(weights, masks, ks, scope=scope)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
