@@ -9,6 +9,8 @@ copies so they are never mis-read).
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,8 +76,10 @@ def check_key_bits(op: str, weights, key_bits: int) -> None:
 
 def tracing(tensors) -> bool:
     """Whether the op runs on fake tensors (torch.compile, opcheck): there are no
-    data pointers then, so every tensor gets its own launch (offsets 0)."""
-    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(tensors) is not None
+    data pointers then, so every tensor gets its own launch (offsets 0). The
+    first tensor tells: one op's inputs are all fake or all real, and scanning
+    every tensor of a billion-weight model cost 0.3 ms per call."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(tensors[:1]) is not None
 
 
 def to_device(values: np.ndarray, device, trace: bool) -> torch.Tensor:
@@ -148,47 +152,48 @@ def make_pieces(weights, scope: int, piece_elements: int) -> Pieces:
 
 
 def _base_and_offsets(views: list[torch.Tensor | None]):
-    """The view with the lowest address among non-empty ones, and each view's
-    element offset from it (-1 for None). Offsets are exact: every view is
-    element-aligned."""
+    """The index of the view with the lowest address among non-empty ones (-1
+    if none), and each view's element offset from it (-1 for None). Offsets
+    are exact: every view is element-aligned."""
     offsets = np.full(len(views), -1, dtype=np.int64)
     present = [i for i, v in enumerate(views) if v is not None and v.numel() > 0]
     if not present:
-        return None, offsets
+        return -1, offsets
     base = min(present, key=lambda i: views[i].data_ptr())
     base_address = views[base].data_ptr()
     for i in present:
         distance = views[i].data_ptr() - base_address
         assert distance % views[i].element_size() == 0, "tensor is not element-aligned"
         offsets[i] = distance // views[i].element_size()
-    return views[base], offsets
+    return base, offsets
 
 
 def check_masks_in_place(op: str, masks) -> None:
     """Masks written where they are must be contiguous and must not share
     memory (a weight would be pruned twice); the messages of csrc/shards.h."""
-    spans = []
     for i, m in enumerate(masks):
         if m is None:
             raise ValueError(f"{op}: masks[{i}] is None")
         if not m.is_contiguous():
             raise ValueError(f"{op}: masks[{i}] must be contiguous (it is updated in place)")
-        if m.numel() > 0 and not tracing([m]):
-            spans.append((m.data_ptr(), m.numel(), i))
-    spans.sort()
+    if tracing(masks):  # fake tensors have no addresses to compare
+        return
+    spans = sorted((m.data_ptr(), m.numel(), i) for i, m in enumerate(masks) if m.numel() > 0)
     for (start, length, i), (next_start, _, j) in zip(spans, spans[1:]):
         if start + length > next_start:
             raise ValueError(f"{op}: masks[{i}] and masks[{j}] share memory")
 
 
 def bit_views(weights) -> list[torch.Tensor]:
-    """Each weight as flat raw bits (int32 / int16), contiguous."""
-    return [w.detach().contiguous().view(BITS_DTYPES[w.dtype]).reshape(-1) for w in weights]
+    """Each weight as raw bits (int32 / int16), contiguous. Not flattened: the
+    kernels take only the address, and every torch call over a billion-weight
+    model's 300 tensors costs ~0.1 ms of host time per op call."""
+    return [w.contiguous().view(BITS_DTYPES[w.dtype]) for w in weights]
 
 
 def byte_views(masks) -> list[torch.Tensor | None]:
-    """Each mask as flat bytes (0 or 1), contiguous; None stays None."""
-    return [None if m is None else m.contiguous().view(torch.uint8).reshape(-1) for m in masks]
+    """Each mask as bytes (0 or 1), contiguous; None stays None."""
+    return [None if m is None else m.contiguous().view(torch.uint8) for m in masks]
 
 
 @dataclass
@@ -216,36 +221,41 @@ class Group:
         return int(self.table.shape[0])
 
 
-def make_groups(
-    weights, bits, mask_bytes, pieces: Pieces, chunk_elements: int, device, skip=frozenset()
-):
-    """The launch groups: one per dtype present (addresses are offsets from the
-    group's lowest-addressed tensor), or one per tensor when tracing (no data
-    pointers to take offsets from). A dummy 16-byte mask base stands in where
-    no mask is given; every mask_begin is then -16. Tensors in `skip` are left
-    out (another kernel handles them)."""
-    trace = tracing(list(weights))
-    dummy = torch.ones(16, dtype=torch.uint8, device=device)
+@dataclass
+class _GroupTables:
+    """What a Group is built from, without references to the tensors: which
+    views are the bases (an index, -1 for the dummy mask base) and the tables."""
+
+    weight_type: int
+    weight_base: int
+    mask_base: int
+    members: list[int]
+    table: torch.Tensor
+    chunk_starts: torch.Tensor
+    selected: np.ndarray
+    aligned: bool
+
+
+def _group_tables(weights, bits, mask_bytes, pieces, chunk_elements, device, skip, trace):
     kept = [i for i, w in enumerate(weights) if w.numel() > 0 and i not in skip]
     if trace:
         member_lists = [[i] for i in kept]
     else:
         member_lists = [[i for i in kept if weights[i].dtype == d] for d in TYPE_CODES]
         member_lists = [m for m in member_lists if m]
-        shared_mask_base, shared_mask_offsets = _base_and_offsets(mask_bytes)
+        mask_base, mask_offsets = _base_and_offsets(mask_bytes)
     groups = []
     for members in member_lists:
         if trace:
             i = members[0]
-            weight_base, offsets = bits[i], np.zeros(len(weights), dtype=np.int64)
-            mask_base = mask_bytes[i] if mask_bytes[i] is not None else dummy
+            weight_base, offsets = i, np.zeros(len(weights), dtype=np.int64)
+            mask_base = i if mask_bytes[i] is not None else -1
             mask_offsets = np.full(len(weights), -1 if mask_bytes[i] is None else 0, np.int64)
         else:
+            in_group = set(members)
             weight_base, offsets = _base_and_offsets(
-                [bits[i] if i in members else None for i in range(len(weights))]
+                [b if i in in_group else None for i, b in enumerate(bits)]
             )
-            mask_base = shared_mask_base if shared_mask_base is not None else dummy
-            mask_offsets = shared_mask_offsets
         in_group = np.zeros(len(weights), dtype=bool)
         in_group[members] = True
         selected = np.nonzero(in_group[pieces.tensor])[0].astype(np.int64)
@@ -259,12 +269,12 @@ def make_groups(
              pieces.unit[selected], selected],
             axis=1,
         ).reshape(-1, 5)  # fmt: skip
-        weights_per_16_bytes = 16 // weight_base.element_size()
+        base_bits = bits[weight_base]
         aligned = (
             not trace
-            and weight_base.data_ptr() % 16 == 0
-            and mask_base.data_ptr() % 16 == 0
-            and bool((table[:, 0] % weights_per_16_bytes == 0).all())
+            and base_bits.data_ptr() % 16 == 0
+            and (mask_base < 0 or mask_bytes[mask_base].data_ptr() % 16 == 0)
+            and bool((table[:, 0] % (16 // base_bits.element_size()) == 0).all())
             and bool(((table[:, 2] < 0) | (table[:, 2] % 16 == 0)).all())
         )
         chunk_of_piece = _exclusive_cumsum(pieces.length[selected]) // chunk_elements
@@ -272,10 +282,103 @@ def make_groups(
         chunk_starts = np.concatenate([[0], boundaries, [selected.size]]).astype(np.int64)
         code = TYPE_CODES[weights[members[0]].dtype]
         groups.append(
-            Group(code, weight_base, mask_base, members, to_device(table, device, trace),
-                  to_device(chunk_starts, device, trace), selected, aligned)
+            _GroupTables(code, weight_base, mask_base, members, to_device(table, device, trace),
+                         to_device(chunk_starts, device, trace), selected, aligned)
         )  # fmt: skip
     return groups
+
+
+class _LayoutCache:
+    """The last layouts built, keyed by everything they depend on: each view's
+    address, size, rows and dtype, the scope, the piece and chunk sizes and the
+    skipped tensors. A training loop calls the ops on the same parameters and
+    masks every step, and rebuilding the tables costs milliseconds of host time
+    at a billion weights (a GPU reads them in about one). Only host arrays and
+    the small device tables are kept, never the tensors: a tensor allocated
+    later at a cached address with the same size gets the same (still right)
+    tables. Least recently used entries go once the device tables pass
+    MAX_BYTES."""
+
+    MAX_BYTES = 64 << 20
+
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key, entry, nbytes: int) -> None:
+        with self.lock:
+            self.entries[key] = (entry, nbytes)
+            total = sum(size for _, size in self.entries.values())
+            while total > self.MAX_BYTES and len(self.entries) > 1:
+                _, (_, size) = self.entries.popitem(last=False)
+                total -= size
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.hits = self.misses = 0
+
+
+layout_cache = _LayoutCache()
+
+
+def _layout_key(weights, bits, mask_bytes, scope, piece_elements, chunk_elements, device, skip):
+    views = tuple(
+        (b.data_ptr(), b.numel(), rows_of(w), w.dtype, -1 if m is None else m.data_ptr())
+        for w, b, m in zip(weights, bits, mask_bytes)
+    )
+    return (views, scope, piece_elements, chunk_elements, str(device), frozenset(skip))
+
+
+def make_layout(
+    weights, bits, mask_bytes, scope: int, piece_elements: int, chunk_elements: int, device,
+    skip=frozenset(),
+):  # fmt: skip
+    """(pieces, groups) of the weights: the piece table (make_pieces) and the
+    launch groups, one per dtype present (addresses are offsets from the
+    group's lowest-addressed tensor), or one per tensor when tracing (no data
+    pointers to take offsets from). A dummy 16-byte mask base stands in where
+    no mask is given; every mask_begin is then -16. Tensors in `skip` are left
+    out (another kernel handles them). Eager calls reuse the tables of an
+    identical earlier call (layout_cache)."""
+    trace = tracing(list(weights))
+    key = None
+    if not trace:
+        key = _layout_key(
+            weights, bits, mask_bytes, scope, piece_elements, chunk_elements, device, skip
+        )
+        cached = layout_cache.get(key)
+    if trace or cached is None:
+        pieces = make_pieces(weights, scope, piece_elements)
+        tables = _group_tables(
+            weights, bits, mask_bytes, pieces, chunk_elements, device, skip, trace
+        )
+        dummy = torch.ones(16, dtype=torch.uint8, device=device)
+        cached = (pieces, tables, dummy)
+        if not trace:
+            nbytes = sum(t.table.nbytes + t.chunk_starts.nbytes for t in tables)
+            layout_cache.put(key, cached, nbytes)
+    else:
+        cached = cached[0]
+    pieces, tables, dummy = cached
+    groups = [
+        Group(t.weight_type, bits[t.weight_base],
+              mask_bytes[t.mask_base] if t.mask_base >= 0 else dummy,
+              t.members, t.table, t.chunk_starts, t.selected, t.aligned)
+        for t in tables
+    ]  # fmt: skip
+    return pieces, groups
 
 
 def first_bad_tensor(bad_per_piece: torch.Tensor, pieces: Pieces) -> int | None:

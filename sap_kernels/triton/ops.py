@@ -10,7 +10,7 @@ also run on CPU tensors under TRITON_INTERPRET=1.
 
 Under torch.compile the op bodies are traced with fake tensors, which have no
 data pointer to take offsets from; each tensor then gets its own launch (see
-_pieces.make_groups). Untested: compiling a Triton op needs CUDA tensors.
+_pieces.make_layout). Untested: compiling a Triton op needs CUDA tensors.
 """
 
 import numpy as np
@@ -32,8 +32,7 @@ from ._pieces import (
     check_key_bits,
     check_masks_in_place,
     first_bad_tensor,
-    make_groups,
-    make_pieces,
+    make_layout,
     rows_of,
     to_device,
     tracing,
@@ -88,13 +87,14 @@ def _masked_power_sums(
     device = weights[0].device
     trace = tracing(list(weights))
     bits, mask_bytes = bit_views(weights), byte_views(masks)
-    pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
     # Neuron scope, rows of at most SHORT_ROW weights: many rows per program.
     short = {}
     if scope == NEURON:
         short = {i: n // rows_of(w) for i, w in enumerate(weights)
                  if (n := w.numel()) > 0 and n // rows_of(w) <= SHORT_ROW}  # fmt: skip
-    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device, set(short))
+    pieces, groups = make_layout(
+        weights, bits, mask_bytes, scope, PIECE_ELEMENTS, CHUNK_ELEMENTS, device, frozenset(short)
+    )
     # Tiles whose largest |w| lies outside [2^(-100/q), 2^(100/q)] are summed
     # in float64 (their float32 powers could overflow or underflow).
     # (the exponents are capped first: 2.0 ** 1024 overflows for q < 0.0977)
@@ -160,12 +160,13 @@ def _magnitude_histogram(
         raise ValueError(f"{op}: pass_index must be 0, or 1 with 32-bit keys, got {pass_index}")
     device = weights[0].device
     bits, mask_bytes = bit_views(weights), byte_views(masks)
-    pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
+    pieces, groups = make_layout(
+        weights, bits, mask_bytes, scope, PIECE_ELEMENTS, CHUNK_ELEMENTS, device
+    )
     if prefixes.numel() < pieces.num_units:
         raise ValueError(
             f"{op}: prefixes has {prefixes.numel()} entries for {pieces.num_units} units"
         )
-    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
     histogram = torch.zeros((pieces.num_units, 65536), dtype=torch.int64, device=device)
     prefixes = prefixes.to(device=device, dtype=torch.int64).contiguous()
     for group in groups:
@@ -192,10 +193,10 @@ def _rowwise_kth_key(
     trace = tracing(list(weights))
     bits, mask_bytes = bit_views(weights), byte_views(masks)
     longest_row = max(max(w.numel() // max(rows_of(w), 1), 1) for w in weights)
-    pieces = make_pieces(weights, NEURON, longest_row)  # one piece per non-empty row
+    # one piece per non-empty row
+    pieces, groups = make_layout(weights, bits, mask_bytes, NEURON, longest_row, 1, device)
     if ks.numel() != pieces.num_units:
         raise ValueError(f"{op}: ks has {ks.numel()} entries for {pieces.num_units} rows")
-    groups = make_groups(weights, bits, mask_bytes, pieces, 1, device)
     result = torch.tensor([-1, 0], dtype=torch.int64, device=device).repeat(pieces.num_units, 1)
     nonfinite = torch.zeros(pieces.num_units, dtype=torch.int32, device=device)
     ks = ks.to(device=device, dtype=torch.int64).contiguous()
@@ -298,14 +299,18 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
     device = weights[0].device
     trace = tracing(list(weights))
     bits, mask_bytes = bit_views(weights), byte_views(masks)
-    pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
+    pieces, groups = make_layout(
+        weights, bits, mask_bytes, scope, PIECE_ELEMENTS, CHUNK_ELEMENTS, device
+    )
     for name, values in (("threshold_keys", threshold_keys), ("remove_equal", remove_equal)):
         if values.numel() != pieces.num_units:
             raise ValueError(
                 f"{op}: {name} has {values.numel()} entries for {pieces.num_units} units"
             )
-    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
-    out_views = [o.view(torch.uint8).reshape(-1) for o in outputs]
+    # Everything the host prepares comes before the argument check's copy to
+    # the host, which waits for the count pass: after it only launches remain.
+    out_plans = _output_plans(weights, outputs, pieces, groups, device, trace)
+    unit_first_piece = to_device(pieces.unit_starts[pieces.unit], device, trace)
     threshold_keys = threshold_keys.to(device=device, dtype=torch.int64).contiguous()
     remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
     equal_counts = torch.zeros(pieces.count, dtype=torch.int64, device=device)
@@ -315,32 +320,41 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
             remove_equal, equal_counts,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=group.aligned, BLOCK=BLOCK,
         )  # fmt: skip
+    _check_prune_arguments(op, threshold_keys, remove_equal, equal_counts, pieces, device, trace)
     # Equal keys before each piece within its unit: an exclusive scan over the
     # pieces in global order, restarted at each unit's first piece.
-    _check_prune_arguments(op, threshold_keys, remove_equal, equal_counts, pieces, device, trace)
     before = torch.cumsum(equal_counts, 0) - equal_counts
-    unit_first_piece = pieces.unit_starts[pieces.unit]
-    equal_before = before - before[to_device(unit_first_piece, device, trace)]
-    for group in groups:
-        # The group's outputs are addressed like its weights: from the
-        # lowest-addressed output of the group (or the one output when tracing).
-        if trace:
-            out_base, out_offsets = out_views[group.members[0]], np.zeros(len(weights), np.int64)
-        else:
-            out_base, out_offsets = _base_and_offsets(
-                [out_views[i] if i in group.members else None for i in range(len(weights))]
-            )
-        out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
-        # 16-byte output stores need what the group's loads need, for the outputs too.
-        aligned = (
-            group.aligned and out_base.data_ptr() % 16 == 0 and bool((out_begins % 16 == 0).all())
-        )
+    equal_before = before - before[unit_first_piece]
+    for group, (out_base, out_begins, aligned) in zip(groups, out_plans):
         launcher(select_kernels.prune_kernel)[(group.num_chunks,)](
-            group.weight_base, group.mask_base, out_base, group.table,
-            to_device(out_begins, device, trace),
+            group.weight_base, group.mask_base, out_base, group.table, out_begins,
             group.chunk_starts, threshold_keys, remove_equal, equal_before,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, ALIGNED=aligned, BLOCK=BLOCK,
         )  # fmt: skip
+
+
+def _output_plans(weights, outputs, pieces, groups, device, trace) -> list:
+    """(base, piece byte offsets on the device, aligned) of each group's output
+    masks, addressed like its weights: from the group's lowest-addressed
+    output (or the one output when tracing). 16-byte stores need what the
+    group's loads need, for the outputs too."""
+    out_views = [o.view(torch.uint8) for o in outputs]
+    plans = []
+    for group in groups:
+        if trace:
+            out_base, out_offsets = out_views[group.members[0]], np.zeros(len(weights), np.int64)
+        else:
+            members = set(group.members)
+            base, out_offsets = _base_and_offsets(
+                [v if i in members else None for i, v in enumerate(out_views)]
+            )
+            out_base = out_views[base]
+        out_begins = out_offsets[pieces.tensor[group.selected]] + pieces.begin[group.selected]
+        aligned = (
+            group.aligned and out_base.data_ptr() % 16 == 0 and bool((out_begins % 16 == 0).all())
+        )
+        plans.append((out_base, to_device(out_begins, device, trace), aligned))
+    return plans
 
 
 @triton_op("sap_kernels::triton_apply_masks_", mutates_args={"weights"})
@@ -355,8 +369,9 @@ def _apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
     targets = [w if w.is_contiguous() else w.contiguous() for w in weights]
     bits = bit_views(targets)
     mask_bytes = byte_views(masks)
-    pieces = make_pieces(targets, GLOBAL, PIECE_ELEMENTS)
-    groups = make_groups(targets, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    pieces, groups = make_layout(
+        targets, bits, mask_bytes, GLOBAL, PIECE_ELEMENTS, CHUNK_ELEMENTS, device
+    )
     for group in groups:
         launcher(select_kernels.apply_masks_kernel)[(group.num_chunks,)](
             group.weight_base, group.mask_base, group.table, group.chunk_starts,

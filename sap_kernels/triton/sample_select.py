@@ -39,8 +39,7 @@ from ._pieces import (
     byte_views,
     check_inputs,
     check_key_bits,
-    make_groups,
-    make_pieces,
+    make_layout,
     to_device,
 )
 from .kernels import FLOAT32_INF_BITS
@@ -104,8 +103,9 @@ def kth_key_by_sample(weights, masks, scope: int, key_bits: int, k, sample_size:
 def _select(weights, masks, scope, key_bits, k, sample_size):
     device = weights[0].device
     bits, mask_bytes = bit_views(weights), byte_views(masks)
-    pieces = make_pieces(weights, scope, PIECE_ELEMENTS)
-    groups = make_groups(weights, bits, mask_bytes, pieces, CHUNK_ELEMENTS, device)
+    pieces, groups = make_layout(
+        weights, bits, mask_bytes, scope, PIECE_ELEMENTS, CHUNK_ELEMENTS, device
+    )
     units = pieces.num_units
     key_max = (1 << (key_bits - 1)) - 1  # the sign bit is never set
     bins_log2 = min(GLOBAL_BINS_LOG2 if units == 1 else LAYER_BINS_LOG2, key_bits - 1)
@@ -133,10 +133,9 @@ def _select(weights, masks, scope, key_bits, k, sample_size):
             chosen = todo.tolist()
             sub_weights = [weights[u] for u in chosen]
             sub_masks = [mask_bytes[u] for u in chosen]
-            sub_pieces = make_pieces(sub_weights, scope, PIECE_ELEMENTS)
             sub_bits = [bits[u] for u in chosen]
-            sub_groups = make_groups(
-                sub_weights, sub_bits, sub_masks, sub_pieces, CHUNK_ELEMENTS, device
+            _, sub_groups = make_layout(
+                sub_weights, sub_bits, sub_masks, scope, PIECE_ELEMENTS, CHUNK_ELEMENTS, device
             )
             sub_units = len(chosen)
         counters_next, hist_next = _bracket_pass(
