@@ -122,3 +122,21 @@ def test_least_recently_used_tables_go_first(cache, monkeypatch, generator):
     assert len(cache.entries) == 1 and cache.misses == 3
     check_power_sums([weights[-1]], [None], LAYER)
     assert cache.hits == 1
+
+
+def test_host_time_benchmark_runs(tmp_path):
+    """benchmarks/bench_triton_host.py at a small size: every op row written, and
+    the real launcher is back afterwards."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_triton_host
+
+    launcher = triton_ops().launcher
+    out = tmp_path / "host"
+    assert bench_triton_host.main(["--params", "3e5", "--repeats", "1", "--out", str(out)]) == 0
+    assert triton_ops().launcher is launcher
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 7 and all(r["warm_ms"] > 0 and r["cold_ms"] > 0 for r in rows)
