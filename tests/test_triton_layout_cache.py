@@ -140,3 +140,21 @@ def test_host_time_benchmark_runs(tmp_path):
     assert triton_ops().launcher is launcher
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 7 and all(r["warm_ms"] > 0 and r["cold_ms"] > 0 for r in rows)
+
+
+def test_each_cuda_stream_has_its_own_tables(monkeypatch):
+    """Tables uploaded on one stream are not ordered before another stream's
+    kernels, so the stream is part of the key (the stream lookup is faked here:
+    it needs no GPU to show that the key follows it)."""
+    from types import SimpleNamespace
+
+    from sap_kernels.triton import _pieces
+
+    weight = torch.zeros(4, 5)
+    args = ([weight], [weight.view(torch.int32)], [None], LAYER, 64, 64, "cuda:0", frozenset())
+    stream = SimpleNamespace(stream_id=3)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    first = _pieces._layout_key(*args)
+    assert _pieces._layout_key(*args) == first
+    stream = SimpleNamespace(stream_id=4)
+    assert _pieces._layout_key(*args) != first

@@ -290,14 +290,15 @@ def _group_tables(weights, bits, mask_bytes, pieces, chunk_elements, device, ski
 
 class _LayoutCache:
     """The last layouts built, keyed by everything they depend on: each view's
-    address, size, rows and dtype, the scope, the piece and chunk sizes and the
-    skipped tensors. A training loop calls the ops on the same parameters and
-    masks every step, and rebuilding the tables costs milliseconds of host time
-    at a billion weights (a GPU reads them in about one). Only host arrays and
-    the small device tables are kept, never the tensors: a tensor allocated
-    later at a cached address with the same size gets the same (still right)
-    tables. Least recently used entries go once the device tables pass
-    MAX_BYTES."""
+    address, size, rows and dtype, the scope, the piece and chunk sizes, the
+    skipped tensors, and the device and current stream. A training loop calls
+    the ops on the same parameters and masks every step, and rebuilding the
+    tables costs milliseconds of host time at a billion weights
+    (benchmarks/bench_triton_host.py), as much as a pass over 4 GB should take
+    on a GPU. Only host arrays and the small device tables are kept, never the
+    tensors: a tensor allocated later at a cached address with the same size
+    gets the same (still right) tables. Least recently used entries go once
+    the device tables pass MAX_BYTES."""
 
     MAX_BYTES = 64 << 20
 
@@ -338,7 +339,11 @@ def _layout_key(weights, bits, mask_bytes, scope, piece_elements, chunk_elements
         (b.data_ptr(), b.numel(), rows_of(w), w.dtype, -1 if m is None else m.data_ptr())
         for w, b, m in zip(weights, bits, mask_bytes)
     )
-    return (views, scope, piece_elements, chunk_elements, str(device), frozenset(skip))
+    # The stream too: tables uploaded on one stream are not known to be there
+    # (or safe to free) for another's kernels, so each stream builds its own.
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+    return (views, scope, piece_elements, chunk_elements, str(device), stream, frozenset(skip))
 
 
 def make_layout(
