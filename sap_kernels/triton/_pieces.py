@@ -252,9 +252,9 @@ def _group_tables(weights, bits, mask_bytes, pieces, chunk_elements, device, ski
             mask_base = i if mask_bytes[i] is not None else -1
             mask_offsets = np.full(len(weights), -1 if mask_bytes[i] is None else 0, np.int64)
         else:
-            in_group = set(members)
+            member_set = set(members)
             weight_base, offsets = _base_and_offsets(
-                [b if i in in_group else None for i, b in enumerate(bits)]
+                [b if i in member_set else None for i, b in enumerate(bits)]
             )
         in_group = np.zeros(len(weights), dtype=bool)
         in_group[members] = True
@@ -309,13 +309,13 @@ class _LayoutCache:
 
     def get(self, key):
         with self.lock:
-            entry = self.entries.get(key)
-            if entry is None:
+            found = self.entries.get(key)
+            if found is None:
                 self.misses += 1
                 return None
             self.entries.move_to_end(key)
             self.hits += 1
-            return entry
+            return found[0]  # (entry, nbytes)
 
     def put(self, key, entry, nbytes: int) -> None:
         with self.lock:
@@ -358,25 +358,20 @@ def make_layout(
     out (another kernel handles them). Eager calls reuse the tables of an
     identical earlier call (layout_cache)."""
     trace = tracing(list(weights))
-    key = None
-    if not trace:
-        key = _layout_key(
-            weights, bits, mask_bytes, scope, piece_elements, chunk_elements, device, skip
-        )
-        cached = layout_cache.get(key)
-    if trace or cached is None:
+    key = None if trace else _layout_key(
+        weights, bits, mask_bytes, scope, piece_elements, chunk_elements, device, skip
+    )  # fmt: skip
+    entry = None if key is None else layout_cache.get(key)
+    if entry is None:
         pieces = make_pieces(weights, scope, piece_elements)
         tables = _group_tables(
             weights, bits, mask_bytes, pieces, chunk_elements, device, skip, trace
         )
-        dummy = torch.ones(16, dtype=torch.uint8, device=device)
-        cached = (pieces, tables, dummy)
-        if not trace:
+        entry = (pieces, tables, torch.ones(16, dtype=torch.uint8, device=device))
+        if key is not None:
             nbytes = sum(t.table.nbytes + t.chunk_starts.nbytes for t in tables)
-            layout_cache.put(key, cached, nbytes)
-    else:
-        cached = cached[0]
-    pieces, tables, dummy = cached
+            layout_cache.put(key, entry, nbytes)
+    pieces, tables, dummy = entry
     groups = [
         Group(t.weight_type, bits[t.weight_base],
               mask_bytes[t.mask_base] if t.mask_base >= 0 else dummy,
