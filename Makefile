@@ -46,7 +46,7 @@ bench-threshold: build
 lint:
 	$(PY) -m ruff check sap_kernels tests benchmarks
 	$(PY) -m ruff format --check sap_kernels tests benchmarks
-	$(PY) -m pip install -q clang-format && $(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*
+	$(PY) -m pip install -q clang-format && $(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* tests/cpp/*
 
 clean:
 	rm -rf build *.egg-info sap_kernels/*.so

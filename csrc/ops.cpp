@@ -88,8 +88,22 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def("apply_masks_(Tensor(a!)[] weights, Tensor[] masks) -> ()", kTags);
 }
 
-// The Python module only anchors the shared library; every op is reached
-// through torch.ops.sap_kernels.
+#ifdef SAP_KERNELS_WITH_CUDA
+namespace sap_kernels::cuda {
+// csrc/cuda/binding.cpp: the CUDA ops' cache of device piece tables.
+std::vector<int64_t> table_cache_stats();  // hits, misses, entries, bytes
+void clear_table_cache();
+}  // namespace sap_kernels::cuda
+#endif
+
+// The Python module anchors the shared library (every op is reached through
+// torch.ops.sap_kernels) and, in CUDA builds, reaches the table cache.
 PYBIND11_MODULE(_C, module) {
   module.doc() = "sap_kernels compiled kernels (see torch.ops.sap_kernels)";
+#ifdef SAP_KERNELS_WITH_CUDA
+  module.def("cuda_table_cache_stats", &sap_kernels::cuda::table_cache_stats,
+             "[hits, misses, entries, bytes] of the CUDA ops' piece-table cache");
+  module.def("clear_cuda_table_cache", &sap_kernels::cuda::clear_table_cache,
+             "Drops every cached CUDA piece table");
+#endif
 }

@@ -19,6 +19,7 @@ struct ShardTable {
   std::vector<Shard> shards;
   int64_t num_units = 0;
   int64_t total_numel = 0;
+  bool has_copies = false;  // some input was not contiguous: a copy made for this call
 };
 
 inline WeightType weight_type_of(const at::Tensor& t, const char* op, size_t i) {
@@ -64,6 +65,7 @@ inline ShardTable make_shard_table(const at::TensorList weights,
     Shard shard{};
     shard.type = weight_type_of(w, op, i);
     at::Tensor wc = w.contiguous();
+    table.has_copies = table.has_copies || !w.is_contiguous();
     table.keep_alive.push_back(wc);
     shard.data = wc.data_ptr();
     shard.numel = wc.numel();
@@ -81,6 +83,7 @@ inline ShardTable make_shard_table(const at::TensorList weights,
         TORCH_CHECK_VALUE(m->device() == device, op, ": masks[", i, "] is on ", m->device(),
                           " but weights[", i, "] is on ", device);
         at::Tensor mc = m->contiguous();
+        table.has_copies = table.has_copies || !m->is_contiguous();
         table.keep_alive.push_back(mc);
         shard.mask = mc.data_ptr<bool>();
       }

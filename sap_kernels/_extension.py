@@ -31,3 +31,22 @@ def has_cuda_kernels() -> bool:
     return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
         "sap_kernels::masked_power_sums", "CUDA"
     )
+
+
+def cuda_table_cache_stats() -> dict[str, int] | None:
+    """The CUDA ops' cache of device piece tables (csrc/cuda/piece_tables.h):
+    hits, misses, entries and device bytes since start; None without CUDA kernels."""
+    if not has_cuda_kernels():
+        return None
+    from sap_kernels import _C
+
+    return dict(zip(("hits", "misses", "entries", "bytes"), _C.cuda_table_cache_stats()))
+
+
+def clear_cuda_table_cache() -> None:
+    """Drops the CUDA ops' cached piece tables (their device memory returns to
+    torch's allocator); a no-op without CUDA kernels."""
+    if has_cuda_kernels():
+        from sap_kernels import _C
+
+        _C.clear_cuda_table_cache()

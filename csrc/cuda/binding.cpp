@@ -1,6 +1,7 @@
 // Torch binding of the CUDA kernels: argument checks (csrc/shards.h), the
-// piece table (built on the host, copied to the device in one transfer), the
-// current stream, and the launchers of kernels.h. Built only where a CUDA
+// piece table (built on the host, copied to the device in one transfer, kept
+// for later calls on the same tensors: piece_tables.h), the current stream,
+// and the launchers of kernels.h. Built only where a CUDA
 // torch and toolkit exist (setup.py); the kernels themselves need no torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +16,7 @@
 
 #include "../shards.h"
 #include "kernels.h"
+#include "piece_tables.h"
 
 namespace sap_kernels::cuda {
 namespace {
@@ -27,57 +29,6 @@ void check_launch(cudaError_t error, const char* op) {
 
 void check_on_cuda(at::TensorList weights, const char* op) {
   TORCH_CHECK_VALUE(weights[0].is_cuda(), op, ": expected CUDA tensors, got ", weights[0].device());
-}
-
-// Pieces of at most `max_piece` elements, each inside one unit (one tensor in
-// layer scope, one row in neuron scope), in global order; unit_starts[u] is
-// the first piece of unit u (units are non-decreasing along the pieces).
-struct HostPieces {
-  std::vector<Segment> segments;
-  std::vector<int64_t> unit_starts;
-  std::vector<int64_t> unit_first_piece;  // per piece: unit_starts[its unit]
-};
-
-HostPieces make_pieces(const ShardTable& table, int64_t scope, int64_t max_piece) {
-  // Sized first and filled in one pass: in neuron scope a billion-weight model
-  // has ~460K rows, and a binary search per unit plus regrowing vectors cost
-  // 25 ms of host time per call (4 ms this way; both timed on the CPU machine
-  // in a g++ -O2 harness of this function, same tables out).
-  HostPieces pieces;
-  size_t count = 0;
-  for (const Shard& shard : table.shards) {
-    if (shard.numel == 0) continue;
-    const int64_t unit_length = scope == kNeuron ? shard.row_length : shard.numel;
-    count += size_t(shard.numel / unit_length) * size_t((unit_length - 1) / max_piece + 1);
-  }
-  pieces.segments.reserve(count);
-  pieces.unit_first_piece.reserve(count);
-  pieces.unit_starts.assign(table.num_units + 1, -1);
-  for (size_t s = 0; s < table.shards.size(); ++s) {
-    const Shard& shard = table.shards[s];
-    if (shard.numel == 0) continue;
-    const int64_t unit_length = scope == kNeuron ? shard.row_length : shard.numel;
-    for (int64_t unit_begin = 0; unit_begin < shard.numel; unit_begin += unit_length) {
-      const int64_t unit = shard.first_unit + (scope == kNeuron ? unit_begin / unit_length : 0);
-      int64_t& first = pieces.unit_starts[unit];
-      if (first < 0) first = int64_t(pieces.segments.size());
-      // offset + length never exceeds unit_length, so max_piece may be INT64_MAX.
-      for (int64_t offset = 0; offset < unit_length;) {
-        const int64_t length = std::min(max_piece, unit_length - offset);
-        pieces.segments.push_back(Segment{unit_begin + offset, length, static_cast<int32_t>(s)});
-        pieces.unit_first_piece.push_back(first);
-        offset += length;
-      }
-    }
-  }
-  // A unit without pieces (an empty tensor in layer scope) starts where the
-  // next unit does.
-  int64_t next = int64_t(pieces.segments.size());
-  for (int64_t u = table.num_units; u >= 0; --u) {
-    if (pieces.unit_starts[u] < 0) pieces.unit_starts[u] = next;
-    next = pieces.unit_starts[u];
-  }
-  return pieces;
 }
 
 // The shard and piece tables (and any extra arrays) packed into one byte
@@ -101,7 +52,9 @@ class DeviceTables {
     std::memcpy(host.data_ptr<uint8_t>(), bytes_.data(), bytes_.size());
     device_ = at::empty({size}, at::TensorOptions().dtype(at::kByte).device(device));
     device_.copy_(host, /*non_blocking=*/true);
+    std::vector<uint8_t>().swap(bytes_);
   }
+  size_t device_bytes() const { return size_t(device_.nbytes()); }
   template <class T>
   T* pointer(size_t offset) const {
     return reinterpret_cast<T*>(device_.data_ptr<uint8_t>() + offset);
@@ -119,10 +72,53 @@ struct Launch {
       : guard(device), stream(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {}
 };
 
-PieceTable piece_table(const DeviceTables& tables, size_t shards, size_t segments,
-                       const HostPieces& pieces, int64_t scope) {
-  return PieceTable{tables.pointer<const Shard>(shards), tables.pointer<const Segment>(segments),
-                    int64_t(pieces.segments.size()), int32_t(scope)};
+// One layout's piece table on the device: the shards, the pieces, each
+// unit's first piece and each piece's unit's first piece, in one upload.
+struct PieceTables {
+  HostPieces pieces;
+  DeviceTables device;
+  size_t shards = 0, segments = 0, unit_starts = 0, unit_first_piece = 0;
+
+  PieceTable table(int64_t scope) const {
+    return PieceTable{device.pointer<const Shard>(shards), device.pointer<const Segment>(segments),
+                      count(), int32_t(scope)};
+  }
+  int64_t count() const { return int64_t(pieces.segments.size()); }
+  // Device arrays of int64 for torch ops on the current stream.
+  at::Tensor longs(size_t offset, int64_t size, const at::Tensor& like) const {
+    return at::from_blob(device.pointer<int64_t>(offset), {size}, like.options().dtype(at::kLong));
+  }
+};
+
+// Tables kept between calls (a training loop calls with the same tensors
+// every step): up to 64 MiB of device tables, the size of a few neuron-scope
+// tables of a billion-weight model. Never destroyed: at exit the CUDA
+// allocator may be gone before a static would be.
+LruCache<PieceTables>& table_cache() {
+  static auto* cache = new LruCache<PieceTables>(size_t(64) << 20, 32);
+  return *cache;
+}
+
+// The piece tables of `table` for the current device and stream (a Launch is
+// in scope). Inputs that were not contiguous were copied for this call only:
+// their tables are built and not kept.
+std::shared_ptr<const PieceTables> piece_tables(const ShardTable& table, int64_t scope,
+                                                int64_t max_piece, const at::Device& device) {
+  const auto build = [&] {
+    PieceTables tables;
+    tables.pieces = make_pieces(table.shards, table.num_units, scope, max_piece);
+    tables.shards = tables.device.add(table.shards);
+    tables.segments = tables.device.add(tables.pieces.segments);
+    tables.unit_starts = tables.device.add(tables.pieces.unit_starts);
+    tables.unit_first_piece = tables.device.add(tables.pieces.unit_first_piece);
+    tables.device.upload(device);
+    return tables;
+  };
+  if (table.has_copies) return std::make_shared<const PieceTables>(build());
+  const int64_t stream = c10::cuda::getCurrentCUDAStream(device.index()).id();
+  return table_cache().get(
+      table_key(table.shards, table.num_units, scope, max_piece, device.index(), stream), build,
+      [](const PieceTables& tables) { return tables.device.device_bytes(); });
 }
 
 void check_key_bits(const ShardTable& table, int64_t key_bits, const char* op) {
@@ -144,32 +140,29 @@ at::Tensor masked_power_sums_cuda(at::TensorList weights, const OptionalTensors&
   check_on_cuda(weights, op);
   const at::Device device = weights[0].device();
   Launch launch(device);
-  const HostPieces pieces = make_pieces(table, scope, kPowerSumsPiece);
-  DeviceTables tables;
-  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
-  const size_t unit_starts = tables.add(pieces.unit_starts);
-  tables.upload(device);
+  const auto tables = piece_tables(table, scope, kPowerSumsPiece, device);
 
   PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f};
   // Keep max|w|^q within [2^-100, 2^100] in float32, as the CPU kernel does.
   plan.safe_max = float(std::min(std::exp2(100.0 / q), 3.0e38));
   plan.safe_min = float(std::max(std::exp2(-100.0 / q), 1.2e-38));
-  const int64_t count = int64_t(pieces.segments.size());
+  const int64_t count = tables->count();
   const auto options = weights[0].options();
   at::Tensor partials = at::empty({std::max<int64_t>(count, 1), 2}, options.dtype(at::kDouble));
   at::Tensor counts = at::zeros({std::max<int64_t>(count, 1), 2}, options.dtype(at::kLong));
   at::Tensor out = at::empty({table.num_units, 3}, options.dtype(at::kDouble));
-  check_launch(launch_power_sums(piece_table(tables, shards, segments, pieces, scope), plan,
-                                 tables.pointer<const int64_t>(unit_starts), table.num_units,
-                                 partials.data_ptr<double>(),
+  check_launch(launch_power_sums(tables->table(scope), plan,
+                                 tables->device.pointer<const int64_t>(tables->unit_starts),
+                                 table.num_units, partials.data_ptr<double>(),
                                  reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
                                  out.data_ptr<double>(), launch.stream),
                op);
-  // One host sync: name the first tensor holding a retained NaN/inf.
-  const at::Tensor bad = counts.select(1, 1).gt(0).nonzero();
-  if (bad.size(0) > 0) {
-    const int64_t piece = bad[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, op, ": weights[", pieces.segments[piece].shard,
+  // One host sync (one reduction, one small copy): then name the first tensor
+  // holding a retained NaN/inf.
+  const at::Tensor nonfinite = counts.select(1, 1);
+  if (nonfinite.amax().item<int64_t>() > 0) {
+    const int64_t piece = nonfinite.gt(0).nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, op, ": weights[", tables->pieces.segments[piece].shard,
                       "] contains NaN or infinity among its retained weights");
   }
   return out;
@@ -190,16 +183,12 @@ at::Tensor magnitude_histogram_cuda(at::TensorList weights, const OptionalTensor
                     " entries for ", table.num_units, " units");
   const at::Device device = weights[0].device();
   Launch launch(device);
-  const HostPieces pieces = make_pieces(table, scope, kHistogramPiece);
-  DeviceTables tables;
-  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
-  tables.upload(device);
+  const auto tables = piece_tables(table, scope, kHistogramPiece, device);
   const at::Tensor prefix_values = prefixes.to(device, at::kLong).contiguous();
   at::Tensor histogram = at::zeros({table.num_units, 65536}, weights[0].options().dtype(at::kLong));
   check_launch(
       launch_magnitude_histogram(
-          piece_table(tables, shards, segments, pieces, scope), int(key_bits), int(pass_index),
-          prefix_values.data_ptr<int64_t>(),
+          tables->table(scope), int(key_bits), int(pass_index), prefix_values.data_ptr<int64_t>(),
           reinterpret_cast<unsigned long long*>(histogram.data_ptr<int64_t>()), launch.stream),
       op);
   return histogram;
@@ -216,21 +205,17 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
   const at::Device device = weights[0].device();
   Launch launch(device);
   // One piece per non-empty row: the select needs the whole row in one block.
-  const HostPieces pieces = make_pieces(table, kNeuron, std::numeric_limits<int64_t>::max());
-  DeviceTables tables;
-  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
-  tables.upload(device);
+  const auto tables = piece_tables(table, kNeuron, std::numeric_limits<int64_t>::max(), device);
   const at::Tensor k_values = ks.to(device, at::kLong).contiguous();
   const auto options = weights[0].options().dtype(at::kLong);
   at::Tensor result = at::empty({table.num_units, 2}, options);
   result.select(1, 0).fill_(-1);
   result.select(1, 1).zero_();
   at::Tensor nonfinite = at::zeros({table.num_units}, options.dtype(at::kInt));
-  check_launch(
-      launch_rowwise_kth_key(piece_table(tables, shards, segments, pieces, kNeuron), int(key_bits),
-                             k_values.data_ptr<int64_t>(), result.data_ptr<int64_t>(),
-                             nonfinite.data_ptr<int32_t>(), launch.stream),
-      op);
+  check_launch(launch_rowwise_kth_key(tables->table(kNeuron), int(key_bits),
+                                      k_values.data_ptr<int64_t>(), result.data_ptr<int64_t>(),
+                                      nonfinite.data_ptr<int32_t>(), launch.stream),
+               op);
   // Rows of length 0 get no piece, hence no kernel check: only k = 0 is valid there.
   for (size_t s = 0; s < table.shards.size(); ++s) {
     const Shard& shard = table.shards[s];
@@ -303,16 +288,14 @@ void prune_into(at::TensorList weights, const ShardTable& table, int64_t scope, 
                 const std::vector<uint8_t*>& output_pointers, const char* op) {
   const at::Device device = weights[0].device();
   Launch launch(device);
-  const HostPieces pieces = make_pieces(table, scope, kPrunePiece);
-  const int64_t count = int64_t(pieces.segments.size());
-  DeviceTables tables;
-  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
-  const size_t output_table = tables.add(output_pointers);
-  const size_t first_piece = tables.add(pieces.unit_first_piece);
-  const size_t unit_starts = tables.add(pieces.unit_starts);
-  tables.upload(device);
+  const auto tables = piece_tables(table, scope, kPrunePiece, device);
+  const int64_t count = tables->count();
+  // The outputs are new masks on most calls: their table is not cached.
+  DeviceTables outputs;
+  const size_t output_table = outputs.add(output_pointers);
+  outputs.upload(device);
   const auto long_options = weights[0].options().dtype(at::kLong);
-  const PieceTable pieces_on_device = piece_table(tables, shards, segments, pieces, scope);
+  const PieceTable pieces_on_device = tables->table(scope);
   const at::Tensor thresholds = threshold_keys.to(device, at::kLong).contiguous();
   const at::Tensor quotas = remove_equal.to(device, at::kLong).contiguous();
   at::Tensor equal_counts = at::empty({count}, long_options);
@@ -323,16 +306,14 @@ void prune_into(at::TensorList weights, const ShardTable& table, int64_t scope, 
   // Equal keys before each piece inside its unit: an exclusive scan (integer,
   // so deterministic) restarted at each unit's first piece.
   const at::Tensor exclusive = at::cumsum(equal_counts, 0) - equal_counts;
-  const at::Tensor first = at::from_blob(tables.pointer<int64_t>(first_piece), {count},
-                                         weights[0].options().dtype(at::kLong));
+  const at::Tensor first = tables->longs(tables->unit_first_piece, count, equal_counts);
   const at::Tensor equal_before = (exclusive - exclusive.index_select(0, first)).contiguous();
-  const at::Tensor starts = at::from_blob(tables.pointer<int64_t>(unit_starts),
-                                          {int64_t(pieces.unit_starts.size())}, long_options);
+  const at::Tensor starts = tables->longs(tables->unit_starts, table.num_units + 1, equal_counts);
   check_prune_arguments(thresholds, quotas, equal_counts, starts, op);
   if (count == 0) return;
   check_launch(launch_prune_masks(pieces_on_device, int(key_bits), thresholds.data_ptr<int64_t>(),
                                   quotas.data_ptr<int64_t>(), equal_before.data_ptr<int64_t>(),
-                                  tables.pointer<uint8_t* const>(output_table), launch.stream),
+                                  outputs.pointer<uint8_t* const>(output_table), launch.stream),
                op);
 }
 
@@ -402,23 +383,28 @@ void apply_masks_cuda(at::TensorList weights, at::TensorList masks) {
     targets.push_back(weights[i].is_contiguous() ? weights[i] : weights[i].contiguous());
     mask_list.push_back(masks[i]);
   }
-  const ShardTable table = make_shard_table(targets, mask_list, kGlobal, op);
+  ShardTable table = make_shard_table(targets, mask_list, kGlobal, op);
+  for (const at::Tensor& w : weights) table.has_copies = table.has_copies || !w.is_contiguous();
   check_on_cuda(weights, op);
   const at::Device device = weights[0].device();
   Launch launch(device);
-  const HostPieces pieces = make_pieces(table, kGlobal, kPrunePiece);
-  DeviceTables tables;
-  const size_t shards = tables.add(table.shards), segments = tables.add(pieces.segments);
-  tables.upload(device);
-  check_launch(
-      launch_apply_masks(piece_table(tables, shards, segments, pieces, kGlobal), launch.stream),
-      op);
+  const auto tables = piece_tables(table, kGlobal, kPrunePiece, device);
+  check_launch(launch_apply_masks(tables->table(kGlobal), launch.stream), op);
   for (size_t i = 0; i < weights.size(); ++i) {
     if (!weights[i].is_contiguous()) weights[i].copy_(targets[i]);
   }
 }
 
 }  // namespace
+
+std::vector<int64_t> table_cache_stats() {
+  const auto stats = table_cache().stats();
+  return {stats.hits, stats.misses, stats.entries, stats.bytes};
+}
+
+void clear_table_cache() {
+  table_cache().clear();
+}
 
 TORCH_LIBRARY_IMPL(sap_kernels, CUDA, m) {
   m.impl("masked_power_sums", &masked_power_sums_cuda);
