@@ -102,6 +102,40 @@ def test_prune_reuses_the_power_sums_tables(cache, generator):
     assert (cache.hits, cache.misses) == (1, 1)
 
 
+def equal_retained(weights, masks, scope, value):
+    """Retained weights with |w| == value per unit."""
+    hits = [((w.abs() == value) & m).cpu() for w, m in zip(weights, masks)]
+    if scope == GLOBAL:
+        return torch.stack([sum(h.sum() for h in hits)])
+    if scope == LAYER:
+        return torch.stack([h.sum() for h in hits])
+    return torch.cat([h.reshape(h.shape[0] if h.dim() else 1, -1).sum(1) for h in hits])
+
+
+@pytest.mark.parametrize("scope", [GLOBAL, LAYER, NEURON])
+def test_in_place_prune_repeated_on_cached_tables(cache, scope, generator):
+    """prune_masks_ called again and again on the same masks (a pruning loop):
+    every call after the first hits, writes through the tables' mask column
+    and reuses the derived arrays it uploaded once, and stays exact."""
+    shapes = [(40, 33), (3, 4097), (7,)]
+    weights = [random_weights(s, torch.float32, "ties", generator).to(DEVICE) for s in shapes]
+    masks = [random_mask(s, 0.2, generator).to(DEVICE) for s in shapes]
+    units = {GLOBAL: 1, LAYER: 3, NEURON: 50}[scope]
+    for step, value in enumerate([0.25, 0.5, 0.75]):
+        keys = torch.full((units,), torch.tensor(value).view(torch.int32).item())
+        quotas = equal_retained(weights, masks, scope, value).clamp(max=step)  # 0, <= 1, <= 2
+        expected = reference.prune_masks([w.cpu() for w in weights], [m.cpu() for m in masks],
+                                         scope, 32, keys, quotas)  # fmt: skip
+        triton_ops().prune_masks_(weights, masks, scope, 32, keys.to(DEVICE), quotas.to(DEVICE))
+        assert all(torch.equal(m.cpu(), e) for m, e in zip(masks, expected)), step
+    assert (cache.hits, cache.misses) == (2, 1)
+    (pieces, _, _), _ = next(iter(cache.entries.values()))
+    assert "unit_first_piece" in pieces.uploaded and "unit_starts" in pieces.uploaded
+    first = pieces.uploaded["unit_first_piece"]
+    triton_ops().prune_masks_(weights, masks, scope, 32, keys.to(DEVICE), quotas.to(DEVICE) * 0)
+    assert pieces.uploaded["unit_first_piece"] is first
+
+
 def test_cache_holds_no_tensor(cache, generator):
     weight = random_weights((300, 7), torch.float32, "normal", generator).to(DEVICE)
     mask = random_mask((300, 7), 0.5, generator).to(DEVICE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -110,10 +110,25 @@ class Pieces:
     tensor: np.ndarray  # index of the tensor holding the piece
     num_units: int
     unit_starts: np.ndarray  # [num_units + 1]: first piece of each unit
+    uploaded: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def count(self) -> int:
         return int(self.begin.size)
+
+    def on_device(self, name, device, trace: bool, build=None) -> torch.Tensor:
+        """The int64 array `name` derived from the pieces (the attribute of that
+        name, or build()) on `device`, uploaded once: the layout cache keys the
+        device and stream, so a cached Pieces is only used where its uploads
+        are. Read-only for callers. When tracing: a graph constant per call."""
+        values = None
+        if not trace:
+            values = self.uploaded.get(name)
+        if values is None:
+            values = to_device(build() if build else getattr(self, name), device, trace)
+            if not trace:
+                self.uploaded[name] = values
+        return values
 
 
 def make_pieces(weights, scope: int, piece_elements: int) -> Pieces:
@@ -370,6 +385,8 @@ def make_layout(
         entry = (pieces, tables, torch.ones(16, dtype=torch.uint8, device=device))
         if key is not None:
             nbytes = sum(t.table.nbytes + t.chunk_starts.nbytes for t in tables)
+            # allowance for Pieces.on_device's few int64 arrays per piece and unit
+            nbytes += 8 * (4 * pieces.count + pieces.num_units + 1)
             layout_cache.put(key, entry, nbytes)
     pieces, tables, dummy = entry
     groups = [

@@ -130,7 +130,7 @@ def _masked_power_sums(
     elif (bad := first_bad_tensor(partials[:, 3], pieces)) is not None:
         raise _nonfinite_error(op, bad)
     out = torch.empty((pieces.num_units, 3), dtype=torch.float64, device=device)
-    unit_starts = to_device(pieces.unit_starts, device, trace)
+    unit_starts = pieces.on_device("unit_starts", device, trace)
     if scope == NEURON and pieces.num_units > 0:
         launcher(kernels.reduce_many_units_kernel)[(triton.cdiv(pieces.num_units, 1024),)](
             partials, unit_starts, out, pieces.num_units, UNITS=1024
@@ -260,7 +260,9 @@ def _prune_masks_in_place(
         raise ValueError(f"{op}: got {len(masks)} masks for {len(weights)} weights")
     checked = check_inputs(op, weights, masks, scope)
     check_masks_in_place(op, masks)
-    _prune_into(op, weights, checked, scope, key_bits, threshold_keys, remove_equal, list(masks))
+    _prune_into(
+        op, weights, checked, scope, key_bits, threshold_keys, remove_equal, list(masks), True
+    )
 
 
 def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device, trace):
@@ -268,7 +270,7 @@ def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device,
     assertion in the graph when tracing): thresholds are keys (<= 32 bits),
     quotas >= 0 and at most the unit's ties (counted where the quota is positive)."""
     inclusive = torch.cat([equal_counts.new_zeros(1), torch.cumsum(equal_counts, 0)])
-    starts = to_device(pieces.unit_starts, device, trace)
+    starts = pieces.on_device("unit_starts", device, trace)
     ties = inclusive[starts[1:]] - inclusive[starts[:-1]]
     bad_key = thresholds > 0xFFFFFFFF
     negative = quotas < 0
@@ -292,9 +294,12 @@ def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device,
         )
 
 
-def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equal, outputs):
+def _prune_into(
+    op, weights, masks, scope, key_bits, threshold_keys, remove_equal, outputs, in_place=False
+):
     """Writes the pruned masks into `outputs` (contiguous bool tensors, one per
-    weight; an output may be that weight's own mask)."""
+    weight), or over the masks themselves where in_place (outputs is then the
+    masks)."""
     check_key_bits(op, weights, key_bits)
     device = weights[0].device
     trace = tracing(list(weights))
@@ -309,8 +314,14 @@ def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equa
             )
     # Everything the host prepares comes before the argument check's copy to
     # the host, which waits for the count pass: after it only launches remain.
-    out_plans = _output_plans(weights, outputs, pieces, groups, device, trace)
-    unit_first_piece = to_device(pieces.unit_starts[pieces.unit], device, trace)
+    if in_place:
+        # The outputs are the masks: addressed as the group tables' mask column.
+        out_plans = [(g.mask_base, g.table[:, 2].contiguous(), g.aligned) for g in groups]
+    else:
+        out_plans = _output_plans(weights, outputs, pieces, groups, device, trace)
+    unit_first_piece = pieces.on_device(
+        "unit_first_piece", device, trace, lambda: pieces.unit_starts[pieces.unit]
+    )
     threshold_keys = threshold_keys.to(device=device, dtype=torch.int64).contiguous()
     remove_equal = remove_equal.to(device=device, dtype=torch.int64).contiguous()
     equal_counts = torch.zeros(pieces.count, dtype=torch.int64, device=device)

@@ -40,7 +40,6 @@ from ._pieces import (
     check_inputs,
     check_key_bits,
     make_layout,
-    to_device,
 )
 from .kernels import FLOAT32_INF_BITS
 from .sample_kernels import bracket_histogram_kernel, sample_keys_kernel
@@ -197,15 +196,20 @@ def _sample_brackets(groups, pieces, key_bits, k, sample_size, device, key_max):
     s = min(sample_size, n)
     j = torch.arange(s, dtype=torch.float64, device=device)
     positions = ((j + torch.frac(j * _WEYL)) * (n / s)).long().clamp(max=n - 1)
-    piece_ends = np.cumsum(pieces.length)
-    piece = torch.searchsorted(to_device(piece_ends, device, False), positions, right=True)
-    offsets = positions - to_device(piece_ends - pieces.length, device, False)[piece]
-    unit = to_device(pieces.unit, device, False)[piece]
+    # Derived tables uploaded once per cached layout (Pieces.on_device).
+    ends = pieces.on_device("piece_ends", device, False, lambda: np.cumsum(pieces.length))
+    piece = torch.searchsorted(ends, positions, right=True)
+    offsets = positions - (ends - pieces.on_device("length", device, False))[piece]
+    unit = pieces.on_device("unit", device, False)[piece]
     keys = torch.full((s,), -1, dtype=torch.int64, device=device)
-    for group in groups:
-        row_of_piece = np.full(pieces.count, -1, dtype=np.int64)
-        row_of_piece[group.selected] = np.arange(group.selected.size, dtype=np.int64)
-        rows = to_device(row_of_piece, device, False)[piece]
+    for index, group in enumerate(groups):
+
+        def row_of_piece(group=group):
+            rows = np.full(pieces.count, -1, dtype=np.int64)
+            rows[group.selected] = np.arange(group.selected.size, dtype=np.int64)
+            return rows
+
+        rows = pieces.on_device(("row_of_piece", index), device, False, row_of_piece)[piece]
         launcher(sample_keys_kernel)[(-(-s // SAMPLE_BLOCK),)](
             group.weight_base, group.mask_base, group.table, rows, offsets, keys, s,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=SAMPLE_BLOCK,
@@ -217,8 +221,10 @@ def _sample_brackets(groups, pieces, key_bits, k, sample_size, device, key_max):
     composite = (unit << 32) | torch.where(kept, keys, torch.full_like(keys, 0xFFFFFFFF))
     ordered = composite.sort().values & 0xFFFFFFFF
     starts = positions_per_unit.cumsum(0) - positions_per_unit
-    unit_sizes = to_device(np.bincount(pieces.unit, pieces.length, units).astype(np.int64),
-                           device, False).double()  # fmt: skip
+    unit_sizes = pieces.on_device(
+        "unit_sizes", device, False,
+        lambda: np.bincount(pieces.unit, pieces.length, units).astype(np.int64),
+    ).double()  # fmt: skip
     taken_f = taken.double()
     kept_fraction = taken_f / positions_per_unit.clamp(min=1).double()
     estimated = (kept_fraction * unit_sizes).clamp(min=1.0)
