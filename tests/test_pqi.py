@@ -104,6 +104,27 @@ def test_mixed_dtypes_in_one_call(backend, generator):
         )
 
 
+@pytest.mark.parametrize("p, q", [(0.5, 1.0), (1.0, 2.0), (0.3, 7.0)])
+def test_pqi_from_sums_formula(p, q):
+    """The formula on sums of weights from 1e-40 to 1e40 and up to 1e12 of
+    them, and NaN exactly where a count or sum is zero (every combination)."""
+    import math
+
+    # (S_p, S_q, d) of k weights of magnitude a and n - k of magnitude b
+    mixes = [(10, 10, 0.5, 0.0), (1e12, 1e6, 1e-40, 1e-3), (3, 1, 1e40, 1e-40), (1, 1, 7.0, 0.0)]
+    cases = [(k * a**p + (n - k) * b**p, k * a**q + (n - k) * b**q, n) for n, k, a, b in mixes]
+    cases += [(sp, sq, d) for sp in (0.0, 2.0) for sq in (0.0, 5.0) for d in (0.0, 4.0)]
+    sp, sq, d = (torch.tensor(c, dtype=torch.float64) for c in zip(*cases))
+    got = sap_kernels.pqi_from_sums(sp, sq, d, p, q)
+    for (a, b, n), value in zip(cases, got.tolist()):
+        if min(a, b, n) == 0:
+            assert math.isnan(value), (a, b, n)
+            continue
+        # abs: the log terms reach ~30 and cancel to ~1e-6, a few ulps of 30
+        log_ratio = (1 / q - 1 / p) * math.log(n) + math.log(a) / p - math.log(b) / q
+        assert value == pytest.approx(-math.expm1(log_ratio), rel=1e-12, abs=1e-14), (a, b, n)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_undefined_units_are_nan(backend):
     device = backend_device(backend)
