@@ -121,14 +121,13 @@ class Pieces:
         name, or build()) on `device`, uploaded once: the layout cache keys the
         device and stream, so a cached Pieces is only used where its uploads
         are. Read-only for callers. When tracing: a graph constant per call."""
-        values = None
-        if not trace:
-            values = self.uploaded.get(name)
-        if values is None:
-            values = to_device(build() if build else getattr(self, name), device, trace)
-            if not trace:
-                self.uploaded[name] = values
-        return values
+        if trace:
+            return to_device(build() if build else getattr(self, name), device, True)
+        if name not in self.uploaded:
+            self.uploaded[name] = to_device(
+                build() if build else getattr(self, name), device, False
+            )
+        return self.uploaded[name]
 
 
 def make_pieces(weights, scope: int, piece_elements: int) -> Pieces:
@@ -385,8 +384,9 @@ def make_layout(
         entry = (pieces, tables, torch.ones(16, dtype=torch.uint8, device=device))
         if key is not None:
             nbytes = sum(t.table.nbytes + t.chunk_starts.nbytes for t in tables)
-            # allowance for Pieces.on_device's few int64 arrays per piece and unit
-            nbytes += 8 * (4 * pieces.count + pieces.num_units + 1)
+            # Pieces.on_device's int64 arrays: per piece its ends, starts, unit,
+            # unit's first piece and a row per group (<= 3); per unit two
+            nbytes += 8 * (7 * pieces.count + 2 * (pieces.num_units + 1))
             layout_cache.put(key, entry, nbytes)
     pieces, tables, dummy = entry
     groups = [

@@ -260,9 +260,7 @@ def _prune_masks_in_place(
         raise ValueError(f"{op}: got {len(masks)} masks for {len(weights)} weights")
     checked = check_inputs(op, weights, masks, scope)
     check_masks_in_place(op, masks)
-    _prune_into(
-        op, weights, checked, scope, key_bits, threshold_keys, remove_equal, list(masks), True
-    )
+    _prune_into(op, weights, checked, scope, key_bits, threshold_keys, remove_equal, None)
 
 
 def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device, trace):
@@ -294,12 +292,9 @@ def _check_prune_arguments(op, thresholds, quotas, equal_counts, pieces, device,
         )
 
 
-def _prune_into(
-    op, weights, masks, scope, key_bits, threshold_keys, remove_equal, outputs, in_place=False
-):
+def _prune_into(op, weights, masks, scope, key_bits, threshold_keys, remove_equal, outputs):
     """Writes the pruned masks into `outputs` (contiguous bool tensors, one per
-    weight), or over the masks themselves where in_place (outputs is then the
-    masks)."""
+    weight), or over the masks themselves where outputs is None."""
     check_key_bits(op, weights, key_bits)
     device = weights[0].device
     trace = tracing(list(weights))
@@ -314,8 +309,8 @@ def _prune_into(
             )
     # Everything the host prepares comes before the argument check's copy to
     # the host, which waits for the count pass: after it only launches remain.
-    if in_place:
-        # The outputs are the masks: addressed as the group tables' mask column.
+    if outputs is None:
+        # In place: the outputs are the masks, addressed as the tables' mask column.
         out_plans = [(g.mask_base, g.table[:, 2].contiguous(), g.aligned) for g in groups]
     else:
         out_plans = _output_plans(weights, outputs, pieces, groups, device, trace)

@@ -185,6 +185,13 @@ def _bracket_pass(groups, units, low, high, shift, key_bits, bins_log2, inf_key)
     return counters, hist
 
 
+def _group_rows(pieces, group) -> np.ndarray:
+    """Each piece's row in the group's table, -1 for pieces of other groups."""
+    rows = np.full(pieces.count, -1, dtype=np.int64)
+    rows[group.selected] = np.arange(group.selected.size, dtype=np.int64)
+    return rows
+
+
 def _sample_brackets(groups, pieces, key_bits, k, sample_size, device, key_max):
     """[lo, hi] per unit from the keys at stratified sample positions."""
     units = pieces.num_units
@@ -198,18 +205,17 @@ def _sample_brackets(groups, pieces, key_bits, k, sample_size, device, key_max):
     positions = ((j + torch.frac(j * _WEYL)) * (n / s)).long().clamp(max=n - 1)
     # Derived tables uploaded once per cached layout (Pieces.on_device).
     ends = pieces.on_device("piece_ends", device, False, lambda: np.cumsum(pieces.length))
+    piece_starts = pieces.on_device(
+        "piece_starts", device, False, lambda: np.cumsum(pieces.length) - pieces.length
+    )
     piece = torch.searchsorted(ends, positions, right=True)
-    offsets = positions - (ends - pieces.on_device("length", device, False))[piece]
+    offsets = positions - piece_starts[piece]
     unit = pieces.on_device("unit", device, False)[piece]
     keys = torch.full((s,), -1, dtype=torch.int64, device=device)
     for index, group in enumerate(groups):
-
-        def row_of_piece(group=group):
-            rows = np.full(pieces.count, -1, dtype=np.int64)
-            rows[group.selected] = np.arange(group.selected.size, dtype=np.int64)
-            return rows
-
-        rows = pieces.on_device(("row_of_piece", index), device, False, row_of_piece)[piece]
+        rows = pieces.on_device(
+            ("row_of_piece", index), device, False, lambda g=group: _group_rows(pieces, g)
+        )[piece]
         launcher(sample_keys_kernel)[(-(-s // SAMPLE_BLOCK),)](
             group.weight_base, group.mask_base, group.table, rows, offsets, keys, s,
             WEIGHT_TYPE=group.weight_type, KEY_BITS=key_bits, BLOCK=SAMPLE_BLOCK,
