@@ -226,3 +226,28 @@ def test_api_uses_it_and_stays_exact(scope, tight, sample_select, generator, mon
     expected = reference.prune_by_stable_sort(cpu, cpu_masks, ks, scope)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(new, expected))
     assert calls and set(calls) == {"triton"}
+
+
+def test_sample_reads_each_unit_from_its_own_weights(sample_select):
+    """Layer scope over adjacent views of one storage, each of a distinct
+    constant magnitude (after a padding block): every unit's bracket must hold
+    its own key. A sample taken at the wrong offsets reads a neighbour's
+    weights; the exact counting pass after it hides that from the other tests,
+    since a wrong bracket only makes a miss."""
+    from sap_kernels.reference import magnitude_keys
+    from sap_kernels.triton import _pieces
+
+    values = [100.0, 0.5, 3.0, 0.125, 7.0]  # the first block is padding, not a weight
+    n = 20_000  # one piece per tensor
+    storage = torch.cat([torch.full((n,), v) for v in values]).to(DEVICE)
+    weights = [storage[i * n : (i + 1) * n] for i in range(1, len(values))]
+    bits, mask_bytes = _pieces.bit_views(weights), _pieces.byte_views([None] * len(weights))
+    pieces, groups = _pieces.make_layout(
+        weights, bits, mask_bytes, LAYER, sample_select.PIECE_ELEMENTS,
+        sample_select.CHUNK_ELEMENTS, DEVICE,
+    )  # fmt: skip
+    k = torch.full((len(weights),), n // 2, device=DEVICE)
+    low, high = sample_select._sample_brackets(groups, pieces, 32, k, 4096, DEVICE, (1 << 31) - 1)
+    for u, w in enumerate(weights):
+        key = int(magnitude_keys(w[:1].cpu(), 32)[0])
+        assert int(low[u]) <= key <= int(high[u]), (u, key, int(low[u]), int(high[u]))
