@@ -29,7 +29,7 @@ def cuda_wanted() -> bool:
 
 
 def extension():
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -Wno-psabi: the CPU kernels pass 64-byte GCC vectors between always-inlined
     # functions inside one file; GCC still warns that the AVX-512 ABI differs.
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]

@@ -88,6 +88,11 @@ TORCH_LIBRARY(sap_kernels, m) {
   m.def("apply_masks_(Tensor(a!)[] weights, Tensor[] masks) -> ()", kTags);
 }
 
+namespace sap_kernels {
+// csrc/tensor_list_summary.cpp: the API's one-pass argument facts.
+void define_tensor_list_summary(pybind11::module_& module);
+}  // namespace sap_kernels
+
 #ifdef SAP_KERNELS_WITH_CUDA
 namespace sap_kernels::cuda {
 // csrc/cuda/binding.cpp: the CUDA ops' cache of device piece tables.
@@ -97,9 +102,11 @@ void clear_table_cache();
 #endif
 
 // The Python module anchors the shared library (every op is reached through
-// torch.ops.sap_kernels) and, in CUDA builds, reaches the table cache.
+// torch.ops.sap_kernels), gives the API its argument facts and, in CUDA
+// builds, reaches the table cache.
 PYBIND11_MODULE(_C, module) {
   module.doc() = "sap_kernels compiled kernels (see torch.ops.sap_kernels)";
+  sap_kernels::define_tensor_list_summary(module);
 #ifdef SAP_KERNELS_WITH_CUDA
   module.def("cuda_table_cache_stats", &sap_kernels::cuda::table_cache_stats,
              "[hits, misses, entries, bytes] of the CUDA ops' piece-table cache");

@@ -3,6 +3,7 @@ a module or a list, checking them, and naming the offending tensor on error."""
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -82,8 +83,51 @@ def uses_distribution(group, tensors) -> bool:
 
 
 def _any_dtensor(tensors, dtensor) -> bool:
+    if tensor_facts(tensors) is not None:
+        return False  # only plain tensors and Parameters
     # the distinct types first: 0.4 vs 1.7 ms of isinstance calls for 20,000 tensors
     return any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
+
+
+@functools.cache
+def _summarize_tensors():
+    from ._extension import has_extension
+
+    if not has_extension():
+        return None
+    from . import _C
+
+    return _C.summarize_tensors
+
+
+# Types whose C++ facts are their Python ones. A subclass (FakeTensor, DTensor,
+# ...) may answer `.device` or `.dtype` in Python differently.
+_PLAIN_TENSOR_TYPES = {torch.Tensor, nn.Parameter}
+
+
+def tensor_facts(items, none_ok: bool = False):
+    """(index of the first item that is not a tensor (nor None, with none_ok)
+    or -1, the distinct types, whether any requires grad, the distinct devices,
+    the distinct dtypes, whether all are contiguous) in one C++ pass
+    (csrc/tensor_list_summary.cpp): 0.1 ms for 20,000 tensors against ~5 ms of
+    attribute reads in Python. None while torch.compile traces (it cannot
+    trace into C++), without the extension, or when an item is of another
+    type than a plain tensor, a Parameter (or None): the caller then reads
+    the tensors in Python."""
+    summarize = _summarize_tensors()
+    if summarize is None or torch.compiler.is_compiling():
+        return None
+    facts = summarize(items, none_ok)
+    plain = _PLAIN_TENSOR_TYPES | ({type(None)} if none_ok else set())
+    if facts[0] >= 0 or not set(facts[1]) <= plain:
+        return None
+    return facts
+
+
+def all_contiguous(tensors) -> bool:
+    """Whether every tensor is contiguous."""
+    facts = tensor_facts(tensors)
+    return facts[5] if facts is not None else all(t.is_contiguous() for t in tensors)
 
 
 def _local_parts(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
@@ -114,11 +158,20 @@ def collect_weights(tensors, argument: str = "tensors") -> Weights:
         )
     if len(tensors) == 0:
         raise ValueError(f"{argument} is an empty list")
+    facts = tensor_facts(tensors)
+    if facts is not None:
+        # plain tensors and Parameters: every per-tensor fact from one C++ pass
+        _, _, requires_grad, devices, dtypes, _ = facts
+        out = list(tensors)
+        if requires_grad:
+            out = [t.detach() if t.requires_grad else t for t in out]
+        weights = Weights(out, None, [], argument, _dtypes=set(dtypes))
+        check_weights(weights, devices)
+        return weights
     # Per-tensor work is kept to a few attribute reads: 20,000 tensors of 1,000
     # weights should not cost more in Python than the kernel spends on them.
     if not all(issubclass(kind, torch.Tensor) for kind in set(map(type, tensors))):
-        i = next(i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor))
-        raise TypeError(f"{argument}[{i}] is a {type(tensors[i]).__name__}, not a torch.Tensor")
+        _raise_not_a_tensor(tensors, argument)
     out = [t.detach() if t.requires_grad else t for t in tensors]
     local, originals = _local_parts(out)
     weights = Weights(local, None, originals, argument)
@@ -126,12 +179,20 @@ def collect_weights(tensors, argument: str = "tensors") -> Weights:
     return weights
 
 
-def check_weights(weights: Weights) -> None:
+def _raise_not_a_tensor(tensors, argument: str):
+    index = next(i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor))
+    raise TypeError(f"{argument}[{index}] is a {type(tensors[index]).__name__}, not a torch.Tensor")
+
+
+def check_weights(weights: Weights, devices=None) -> None:
+    """Raises, naming the tensor, unless every weight is floating and on one
+    device. `devices`: their distinct devices, if the caller has them."""
     tensors = weights.tensors
     device = tensors[0].device
     # two cheap passes for the usual case (a set of (dtype, device) pairs costs
     # more: 6.1 vs 4.0 ms for 20,000 tensors)
-    devices = {t.device for t in tensors}
+    if devices is None:
+        devices = {t.device for t in tensors}
     if len(devices) == 1 and all(dtype.is_floating_point for dtype in weights.dtypes):
         return
     for i, t in enumerate(tensors):
@@ -174,9 +235,14 @@ def collect_masks(
         # the devices still: a mask elsewhere (meta, another device type) would
         # send the op call to that device's kernel
         device = weights.tensors[0].device
-        if set(map(type, masks)) <= _PLAIN_MASK_TYPES and {
-            m.device for m in masks if m is not None
-        } <= {device}:
+        facts = tensor_facts(masks, none_ok=True)
+        if facts is not None:
+            devices = set(facts[3])
+        elif set(map(type, masks)) <= _PLAIN_MASK_TYPES:
+            devices = {m.device for m in masks if m is not None}
+        else:
+            devices = None
+        if devices is not None and devices <= {device}:
             return list(masks)
     out: list[torch.Tensor | None] = []
     for i, (m, w) in enumerate(zip(masks, weights.tensors)):

@@ -15,6 +15,7 @@ import torch
 from . import ops
 from ._inputs import (
     MASK_ERRORS,
+    all_contiguous,
     collect_masks,
     collect_weights,
     explain_bad_masks,
@@ -410,7 +411,7 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
     write_over = (
         in_place
         and ops.has_in_place_prune(chosen)
-        and all(m.is_contiguous() for m in mask_list)
+        and all_contiguous(mask_list)
         and not _compiling()
     )
 
@@ -423,7 +424,7 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
         ops.has_sample_prune(chosen)
         and _uses_sample_select(chosen, scope, None, key_bits)
         and bool((counts > 0).any())
-        and all(w.is_contiguous() for w in tensors)  # its masks are contiguous
+        and all_contiguous(tensors)  # its masks are contiguous
     )
     if sampled:
         # thresholds and masks in one pass; the radix select only after a miss
