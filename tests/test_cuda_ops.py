@@ -55,3 +55,24 @@ def test_cuda_backend_end_to_end():
     want = reference.prune_by_stable_sort(weights, masks, counts, "global")
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w.cpu())
+
+
+def test_graph_capture_is_refused_and_leaves_nothing_cached():
+    """Inside torch.cuda.graph capture every op raises (its table upload would
+    be recorded from a pinned block reused after the call); after the capture
+    the same call runs and caches a table built outside it."""
+    from sap_kernels import _extension, reference
+
+    weights, _ = make_inputs([(64, 33), (100,)], torch.float32, False, 81, "cuda")
+    zeros = torch.zeros(1, dtype=torch.int64, device="cuda")
+    _extension.clear_cuda_table_cache()
+    graph = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with pytest.raises(RuntimeError, match="captured into a CUDA graph"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=graph, stream=stream):
+                torch.ops.sap_kernels.magnitude_histogram(weights, [], GLOBAL, 32, zeros, 0)
+    assert _extension.cuda_table_cache_stats()["entries"] == 0
+    got = torch.ops.sap_kernels.magnitude_histogram(weights, [], GLOBAL, 32, zeros, 0)
+    want = reference.magnitude_histogram(weights, [], GLOBAL, 32, zeros, 0)
+    assert torch.equal(got.cpu(), want.cpu())

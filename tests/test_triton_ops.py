@@ -130,6 +130,16 @@ class OpChecks:
             want = reference.magnitude_histogram(weights, masks, scope, 32, prefixes, 1)
             assert int(want.sum()) > 0 and torch.equal(got.cpu(), want.cpu())
 
+    def test_histogram_prefix_outside_16_bits_matches_nothing(self):
+        # as on the CPU: never the prefix's low bits (2^32 + b wrapped to b)
+        weights, masks = make_inputs(SHAPES, torch.float32, True, 29, self.device)
+        zeros = torch.zeros(len(weights), dtype=torch.int64, device=self.device)
+        high = reference.magnitude_histogram(weights, masks, LAYER, 32, zeros, 0).argmax(1)
+        for offset in (1 << 32, 1 << 31, -(1 << 32), 1 << 16):
+            prefixes = (high + offset).to(self.device)
+            got = self.run("magnitude_histogram", weights, masks, LAYER, 32, prefixes, 1)
+            assert int(got.sum()) == 0, offset
+
     # --- rowwise_kth_key ---------------------------------------------------
 
     @pytest.mark.parametrize("dtype", DTYPES)

@@ -65,11 +65,22 @@ class DeviceTables {
   at::Tensor device_;
 };
 
+// The device guard and current stream of one op call. A stream being captured
+// into a CUDA graph is refused: the tables' upload would be recorded as a copy
+// from a pinned block that returns to torch's host allocator after the call
+// (the graph's replays would read whatever it holds then), and a table cached
+// during the capture would be read by later calls before any replay wrote it.
 struct Launch {
   c10::cuda::CUDAGuard guard;
   cudaStream_t stream;
-  explicit Launch(const at::Device& device)
-      : guard(device), stream(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {}
+  Launch(const at::Device& device, const char* op)
+      : guard(device), stream(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    check_launch(cudaStreamIsCapturing(stream, &capture), op);
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
+                ": cannot run while its stream is captured into a CUDA graph (its tables are "
+                "uploaded from host memory per layout); call it outside the capture");
+  }
 };
 
 // One layout's piece table on the device: the shards, the pieces, each
@@ -139,7 +150,7 @@ at::Tensor masked_power_sums_cuda(at::TensorList weights, const OptionalTensors&
   const ShardTable table = make_shard_table(weights, masks, scope, op);
   check_on_cuda(weights, op);
   const at::Device device = weights[0].device();
-  Launch launch(device);
+  Launch launch(device, op);
   const auto tables = piece_tables(table, scope, kPowerSumsPiece, device);
 
   PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f};
@@ -182,7 +193,7 @@ at::Tensor magnitude_histogram_cuda(at::TensorList weights, const OptionalTensor
   TORCH_CHECK_VALUE(prefixes.numel() >= table.num_units, op, ": prefixes has ", prefixes.numel(),
                     " entries for ", table.num_units, " units");
   const at::Device device = weights[0].device();
-  Launch launch(device);
+  Launch launch(device, op);
   const auto tables = piece_tables(table, scope, kHistogramPiece, device);
   const at::Tensor prefix_values = prefixes.to(device, at::kLong).contiguous();
   at::Tensor histogram = at::zeros({table.num_units, 65536}, weights[0].options().dtype(at::kLong));
@@ -203,7 +214,7 @@ at::Tensor rowwise_kth_key_cuda(at::TensorList weights, const OptionalTensors& m
   TORCH_CHECK_VALUE(ks.numel() == table.num_units, op, ": ks has ", ks.numel(), " entries for ",
                     table.num_units, " rows");
   const at::Device device = weights[0].device();
-  Launch launch(device);
+  Launch launch(device, op);
   // One piece per non-empty row: the select needs the whole row in one block.
   const auto tables = piece_tables(table, kNeuron, std::numeric_limits<int64_t>::max(), device);
   const at::Tensor k_values = ks.to(device, at::kLong).contiguous();
@@ -287,7 +298,7 @@ void prune_into(at::TensorList weights, const ShardTable& table, int64_t scope, 
                 const at::Tensor& threshold_keys, const at::Tensor& remove_equal,
                 const std::vector<uint8_t*>& output_pointers, const char* op) {
   const at::Device device = weights[0].device();
-  Launch launch(device);
+  Launch launch(device, op);
   const auto tables = piece_tables(table, scope, kPrunePiece, device);
   const int64_t count = tables->count();
   // The outputs are new masks on most calls: their table is not cached.
@@ -387,7 +398,7 @@ void apply_masks_cuda(at::TensorList weights, at::TensorList masks) {
   for (const at::Tensor& w : weights) table.has_copies = table.has_copies || !w.is_contiguous();
   check_on_cuda(weights, op);
   const at::Device device = weights[0].device();
-  Launch launch(device);
+  Launch launch(device, op);
   const auto tables = piece_tables(table, kGlobal, kPrunePiece, device);
   check_launch(launch_apply_masks(tables->table(kGlobal), launch.stream), op);
   for (size_t i = 0; i < weights.size(); ++i) {

@@ -54,7 +54,10 @@ def histogram_kernel(
         begin, length, mask_begin = _piece_span(pieces, index, WEIGHT_TYPE, ALIGNED)
         row = pieces + index * 5
         unit = tl.load(row + 3)
-        prefix = tl.load(prefixes + unit).to(tl.int32)
+        # a prefix outside 16 bits matches no key (as on the CPU), never its low bits
+        raw_prefix = tl.load(prefixes + unit)
+        prefix = tl.where((raw_prefix >= 0) & (raw_prefix <= 0xFFFF), raw_prefix, 0x10000)
+        prefix = prefix.to(tl.int32)
         bins = histogram + unit * 65536
         full_end = length // BLOCK * BLOCK
         for start in range(0, full_end, BLOCK):
