@@ -7,10 +7,12 @@
 #   bash tools/gpu_session.sh build test        # call 1: build, whole suite on cuda + triton
 #   bash tools/gpu_session.sh build bench       # call 2: the 1e9-parameter benchmark
 #   bash tools/gpu_session.sh build smoke       # a minute: import, one op per backend
+#   bash tools/gpu_session.sh build sanitize    # call 3: compute-sanitizer on the CUDA op tests
 #
-# Logs and results go to $OUT (the device tool brings back at most 8 files):
-# env.txt, build.log, tests.log, tests.xml, bench.log, gpu-bench.{json,md,png}.
-# Limits per step (seconds): TEST_TIMEOUT (default 330), BENCH_TIMEOUT (420).
+# Logs and results go to $OUT: env.txt, build.log, tests.log, tests.xml,
+# bench.log, gpu-bench.{json,md,png}, sanitize.log.
+# Limits per step (seconds): TEST_TIMEOUT (default 330), BENCH_TIMEOUT (420),
+# SANITIZE_TIMEOUT (400).
 # A step that fails or times out is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +72,21 @@ step_test() {
 step_bench() {
   timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/bench_gpu.py --params "${PARAMS:-1e9}" \
     --repeats "${REPEATS:-20}" --out "$OUT/gpu-bench" 2>&1 | tee "$OUT/bench.log"
+}
+
+step_sanitize() {
+  # memcheck (out-of-bounds and misaligned accesses, launch errors) over the
+  # CUDA op tests, then racecheck (shared-memory hazards) over the kernels that
+  # share counters between threads; small inputs, ~10-100x slower than native
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  {
+    timeout "${SANITIZE_TIMEOUT:-400}" bash -c "
+      '$sanitizer' --tool memcheck --error-exitcode 9 '$PY' -m pytest -q -x -p no:cacheprovider \
+        tests/test_cuda_ops.py tests/test_cuda_table_cache.py &&
+      '$sanitizer' --tool racecheck --error-exitcode 9 '$PY' -m pytest -q -x -p no:cacheprovider \
+        tests/test_cuda_ops.py -k 'histogram or rowwise or prune'"
+  } 2>&1 | tail -n 400 | tee "$OUT/sanitize.log"
 }
 
 steps=${*:-build test bench}
