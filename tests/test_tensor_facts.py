@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not has_extension(), reason="sap_kernels._C not 
 def python_facts(items, none_ok=False):
     """tensor_facts as Python reads it (None where the C++ pass is not used)."""
     tensors = []
-    for i, item in enumerate(items):
+    for item in items:
         if item is None and none_ok:
             continue
         if type(item) not in (torch.Tensor, nn.Parameter):

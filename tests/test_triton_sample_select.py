@@ -251,3 +251,25 @@ def test_sample_reads_each_unit_from_its_own_weights(sample_select):
     for u, w in enumerate(weights):
         key = int(magnitude_keys(w[:1].cpu(), 32)[0])
         assert int(low[u]) <= key <= int(high[u]), (u, key, int(low[u]), int(high[u]))
+
+
+def test_kernels_launch_without_wrap_triton_dispatch(sample_select, generator, monkeypatch):
+    """kth_key_by_sample is eager only: each launch goes straight to the kernel,
+    not through wrap_triton's dispatch (host time and a side-table entry per
+    launch on a GPU; under the interpreter wrap_triton returns the kernel, so
+    the switch itself is what is checked)."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    states = []
+    launch = sample_select.launcher
+
+    def spy(kernel):
+        states.append(is_wrap_triton_enabled())
+        return launch(kernel)
+
+    monkeypatch.setattr(sample_select, "launcher", spy)
+    weights, masks = make_inputs(torch.float32, True, generator)
+    ks = retained_per_unit(weights, masks, LAYER) // 3
+    sample_select.kth_key_by_sample(weights, masks, LAYER, 32, ks, 1000)
+    assert states and not any(states)
+    assert is_wrap_triton_enabled()  # restored after the call

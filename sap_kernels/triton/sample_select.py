@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from ..reference import bin_of_rank
 from ._launch import BLOCK, CHUNK_ELEMENTS, PIECE_ELEMENTS, launcher
@@ -65,7 +66,17 @@ assert PIECE_ELEMENTS // BLOCK < 1 << 10
 
 
 def kth_key_by_sample(weights, masks, scope: int, key_bits: int, k, sample_size: int):
-    """int64 [units, 4]: (key, below, retained, nonfinite) per unit (see above)."""
+    """int64 [units, 4]: (key, below, retained, nonfinite) per unit (see above).
+    Eager only, so its kernels launch directly: through wrap_triton's dispatch
+    (which lets torch.compile trace a launch; the registered ops get the direct
+    path from torch.library.triton_op) an eager launch costs host time (~1 ms,
+    says torch's set_wrap_triton_enabled) and leaves its constant arguments in
+    a global side table for good."""
+    with set_wrap_triton_enabled(False):
+        return _kth_key_by_sample(weights, masks, scope, key_bits, k, sample_size)
+
+
+def _kth_key_by_sample(weights, masks, scope: int, key_bits: int, k, sample_size: int):
     op = "kth_key_by_sample"
     weights = list(weights)
     masks = check_inputs(op, weights, masks, scope)
