@@ -31,6 +31,7 @@
 #include "../shards.h"
 #include "keys_avx512.h"
 #include "magnitudes.h"
+#include "row_select.h"
 #include "selection_args.h"
 #include "selection_keys.h"
 
@@ -152,18 +153,6 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights,
 }
 
 // --- rowwise_kth_key ---------------------------------------------------------
-
-enum RowStatus : int32_t { kRowOk = 0, kRowNonfinite = 1, kRowBadK = 2 };
-
-struct RowResult {
-  int32_t status = kRowOk;
-  int64_t key = -1, below = 0, retained = 0;
-};
-
-// A thread's reusable buffers for the row selections.
-struct RowScratch {
-  std::vector<uint32_t> keys, bins;
-};
 
 // The first digit d whose cumulative count reaches target (1-based), and the
 // count of keys in bins below d.
@@ -367,6 +356,13 @@ select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, 
     if (length > kLongRow) {
       result = row_kth_by_histogram<T, B, M>(shard, begin, length, k, scratch);
     } else if (length >= kBinnedRow) {
+      constexpr bool kVectorKeys = !(T == kFloat16 && B == 32);  // see load_keys
+      if constexpr (kVectorKeys) {
+        if (avx512 && row_kth_by_sample_avx512<T, B, M, kRowDigitBits>(shard, begin, length, k,
+                                                                       scratch, result)) {
+          return;
+        }
+      }
       result = row_kth_by_bins<T, B, M>(shard, begin, length, k, scratch, avx512);
     } else {
       result = row_kth_by_partition<T, B, M>(shard, begin, length, k, scratch);

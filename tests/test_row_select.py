@@ -1,0 +1,97 @@
+"""The CPU row select's sampled path (csrc/cpu/row_select.h: rows of 512 ..
+65,536 keys on AVX-512) against the float64 reference and against the full
+2,048-bin count it falls back to (SAP_KERNELS_NO_AVX512=1 forces that one),
+on rows built to make the sample miss, to leave it too few keys, and to fill
+the bracket with ties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_mask, random_weights
+
+import sap_kernels
+from sap_kernels import reference
+
+pytestmark = pytest.mark.skipif(
+    not sap_kernels.has_extension(), reason="the compiled extension sap_kernels._C is not built"
+)
+ops = torch.ops.sap_kernels
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+STRIDE = 8  # kRowSampleStride: the sample reads keys 0, 8, 16, ... of a row
+
+
+def adversarial_rows(rows: int, length: int, dtype, generator) -> torch.Tensor:
+    """The sampled positions hold large magnitudes, the others small ones: the
+    sample puts the k-th key far above the true one (a miss) for small k."""
+    w = torch.randn(rows, length, generator=generator) * 0.01
+    w[:, ::STRIDE] = 50.0 + torch.rand(rows, (length + STRIDE - 1) // STRIDE, generator=generator)
+    return w.to(dtype)
+
+
+def bimodal_rows(rows: int, length: int, dtype, generator) -> torch.Tensor:
+    """Two clusters 2^20 apart: a bracket between them holds few keys."""
+    w = torch.randn(rows, length, generator=generator)
+    far = torch.rand(rows, length, generator=generator) < 0.5
+    return torch.where(far, w * 2.0**10, w * 2.0**-10).to(dtype)
+
+
+def row_inputs(dtype, generator):
+    shapes = [(6, 512), (5, 777), (4, 1408), (3, 4099), (2, 65_536)]
+    weights = [random_weights(shapes[0], dtype, "normal", generator),
+               random_weights(shapes[1], dtype, "ties", generator),
+               adversarial_rows(*shapes[2], dtype, generator),
+               bimodal_rows(*shapes[3], dtype, generator),
+               random_weights(shapes[4], dtype, "zeros", generator)]  # fmt: skip
+    # dense, none, sparse enough that a 512-key row samples < 32 retained keys
+    masks = [random_mask(shapes[0], 0.95, generator), None,
+             random_mask(shapes[2], 0.3, generator), None,
+             random_mask(shapes[4], 0.5, generator)]  # fmt: skip
+    return weights, masks
+
+
+def retained_per_row(weights, masks) -> torch.Tensor:
+    counts = []
+    for w, m in zip(weights, masks):
+        rows = w.reshape(w.shape[0], -1)
+        counts.append(torch.full((rows.shape[0],), rows.shape[1]) if m is None else m.sum(1))
+    return torch.cat(counts).long()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_sampled_rows_match_reference_and_full_count(dtype, fraction, generator, monkeypatch):
+    weights, masks = row_inputs(dtype, generator)
+    key_bits = 16 if dtype != torch.float32 else 32
+    retained = retained_per_row(weights, masks)
+    ks = (retained.double() * fraction).round().long()
+    ks[1::4] = (retained[1::4] * torch.rand(ks[1::4].shape, generator=generator)).long()
+    want = reference.rowwise_kth_key(weights, masks, key_bits, ks)
+    got = ops.rowwise_kth_key(weights, masks, key_bits, ks)
+    assert torch.equal(got, want)
+    monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
+    assert torch.equal(ops.rowwise_kth_key(weights, masks, key_bits, ks), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sampled_rows_with_32_bit_keys_of_16_bit_weights(dtype, generator):
+    weights, masks = row_inputs(dtype, generator)
+    retained = retained_per_row(weights, masks)
+    ks = (retained * torch.rand(retained.shape, generator=generator)).long()
+    want = reference.rowwise_kth_key(weights, masks, 32, ks)
+    assert torch.equal(ops.rowwise_kth_key(weights, masks, 32, ks), want)
+
+
+def test_sampled_rows_errors_name_the_row(generator):
+    weights, masks = row_inputs(torch.float32, generator)
+    retained = retained_per_row(weights, masks)
+    with pytest.raises(ValueError, match=r"ks\[7\] = \d+ is out of range"):
+        ks = retained.clone()
+        ks[7] += 1  # the second tensor's second row
+        ops.rowwise_kth_key(weights, masks, 32, ks)
+    weights[3][2, 4000] = float("nan")
+    with pytest.raises(ValueError, match=r"weights\[3\] contains NaN or infinity"):
+        ops.rowwise_kth_key(weights, masks, 32, retained // 2)
+    # k = 0 counts the row without selecting: the NaN is still found
+    with pytest.raises(ValueError, match=r"weights\[3\] contains NaN or infinity"):
+        ops.rowwise_kth_key(weights, masks, 32, torch.zeros_like(retained))
