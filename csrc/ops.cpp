@@ -84,6 +84,12 @@ TORCH_LIBRARY(sap_kernels, m) {
       "prune_masks_(Tensor[] weights, Tensor(a!)[] masks, int scope, int key_bits, "
       "Tensor threshold_keys, Tensor remove_equal) -> ()",
       kTags);
+  // Neuron scope, over masks (as prune_masks_): each row r loses its counts[r]
+  // smallest retained |w| (earlier weights first among equals), found and
+  // removed in one pass; the same masks as rowwise_kth_key(ks = counts) then
+  // prune_masks_. On an error every mask is left as it was. CPU only.
+  m.def("prune_rows_(Tensor[] weights, Tensor(a!)[] masks, int key_bits, Tensor counts) -> ()",
+        kTags);
   // weights[i] *= masks[i] for every shard, in one pass.
   m.def("apply_masks_(Tensor(a!)[] weights, Tensor[] masks) -> ()", kTags);
 }

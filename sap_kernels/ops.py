@@ -60,6 +60,10 @@ if has_extension():
     def _prune_masks_in_place_fake(weights, masks, scope, key_bits, threshold_keys, remove_equal):
         return None
 
+    @torch.library.register_fake("sap_kernels::prune_rows_")
+    def _prune_rows_in_place_fake(weights, masks, key_bits, counts):
+        return None
+
     @torch.library.register_fake("sap_kernels::apply_masks_")
     def _apply_masks_fake(weights, masks):
         return None
@@ -245,6 +249,18 @@ def prune_masks_(backend: str, weights, masks, scope, key_bits, threshold_keys, 
     torch.ops.sap_kernels.prune_masks_(
         weights, masks, scope, key_bits, threshold_keys, remove_equal
     )
+
+
+def has_row_prune(backend: str) -> bool:
+    """Whether `backend` selects and prunes neuron-scope rows in one pass over
+    the masks (prune_rows_)."""
+    return backend == "cpu"
+
+
+def prune_rows_(backend: str, weights, masks, key_bits, counts) -> None:
+    if not has_row_prune(backend):
+        raise NotImplementedError(f"prune_rows_ has no {backend!r} kernel")
+    torch.ops.sap_kernels.prune_rows_(weights, masks, key_bits, counts)
 
 
 def prune_masks(backend: str, weights, masks, scope, key_bits, threshold_keys, remove_equal):

@@ -420,6 +420,10 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
             return list(masks)
         return _copy_into(masks, new_masks) if in_place else new_masks
 
+    if scope == "neuron" and write_over and ops.has_row_prune(chosen):
+        # each row's threshold found and applied in one pass over the weights
+        _prune_rows_(chosen, weights, mask_list, counts, key_bits)
+        return finish(None)
     sampled = (
         ops.has_sample_prune(chosen)
         and _uses_sample_select(chosen, scope, None, key_bits)
@@ -444,6 +448,18 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
         ops.prune_masks_(*args)
         return finish(None)
     return finish(ops.prune_masks(*args))
+
+
+def _prune_rows_(backend, weights, mask_list, counts, key_bits) -> None:
+    """prune_rows_ on the masks; its errors (counts out of a row's range, NaN
+    or infinity) come back with the API's message when it has one."""
+    tensors = weights.tensors
+    try:
+        ops.prune_rows_(backend, tensors, mask_list, key_bits, counts.to(tensors[0].device))
+    except ValueError:
+        retained = _retained_per_unit(tensors, mask_list, "neuron")
+        _check_counts(counts, retained, "counts", True, _unit_labels(weights, "neuron"))
+        raise
 
 
 def apply_masks_(tensors, masks, *, backend: str = "auto"):

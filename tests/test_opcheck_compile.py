@@ -91,7 +91,7 @@ def test_ops_are_tagged_cudagraph_unsafe():
     names = [
         "masked_power_sums", "magnitude_histogram", "rowwise_kth_key", "kth_key_by_sample",
         "prune_masks_by_sample", "prune_masks_by_sample_", "prune_masks", "prune_masks_",
-        "apply_masks_",
+        "prune_rows_", "apply_masks_",
     ]  # fmt: skip
     for name in names:
         tags = getattr(torch.ops.sap_kernels, name).default.tags

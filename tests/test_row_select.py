@@ -53,8 +53,9 @@ def row_inputs(dtype, generator):
 def retained_per_row(weights, masks) -> torch.Tensor:
     counts = []
     for w, m in zip(weights, masks):
-        rows = w.reshape(w.shape[0], -1)
-        counts.append(torch.full((rows.shape[0],), rows.shape[1]) if m is None else m.sum(1))
+        shape = (w.shape[0], w.numel() // max(w.shape[0], 1))  # -1 is ambiguous for 0 rows
+        rows = m.reshape(shape) if m is not None else torch.ones(shape, dtype=torch.bool)
+        counts.append(rows.sum(1))
     return torch.cat(counts).long()
 
 
@@ -95,3 +96,99 @@ def test_sampled_rows_errors_name_the_row(generator):
     # k = 0 counts the row without selecting: the NaN is still found
     with pytest.raises(ValueError, match=r"weights\[3\] contains NaN or infinity"):
         ops.rowwise_kth_key(weights, masks, 32, torch.zeros_like(retained))
+
+
+# --- prune_rows_: neuron-scope select and prune in one pass ---------------------
+
+
+def prune_inputs(dtype, generator):
+    weights, masks = row_inputs(dtype, generator)
+    weights += [
+        random_weights((7, 300), dtype, "ties", generator),  # partition path
+        random_weights((2, 70_000), dtype, "ties", generator),  # 65,536-bin path
+        torch.zeros((3, 0), dtype=dtype),  # rows of length 0
+        random_weights((5,), dtype, "normal", generator),
+    ]  # 1-D: rows of one
+    masks += [random_mask((7, 300), 0.2, generator), None, None, None]  # fmt: skip
+    masks = [
+        torch.ones(w.shape, dtype=torch.bool) if m is None else m for w, m in zip(weights, masks)
+    ]
+    return weights, masks
+
+
+def composed_prune(weights, masks, key_bits, counts):
+    """rowwise_kth_key then prune_masks_: what prune_rows_ fuses."""
+    out = [m.clone() for m in masks]
+    result = ops.rowwise_kth_key(weights, out, key_bits, counts)
+    keys = result[:, 0].contiguous()
+    ops.prune_masks_(weights, out, 2, key_bits, keys, counts - result[:, 1])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0, None])
+def test_prune_rows_matches_composition_and_reference(dtype, fraction, generator):
+    weights, masks = prune_inputs(dtype, generator)
+    key_bits = 16 if dtype != torch.float32 else 32
+    retained = retained_per_row(weights, masks)
+    if fraction is None:
+        counts = (retained * torch.rand(retained.shape, generator=generator)).long()
+    else:
+        counts = (retained.double() * fraction).round().long()
+    want = reference.prune_by_stable_sort(weights, masks, counts, "neuron")
+    assert all(
+        torch.equal(a, b) for a, b in zip(composed_prune(weights, masks, key_bits, counts), want)
+    )
+    got = [m.clone() for m in masks]
+    ops.prune_rows_(weights, got, key_bits, counts)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), i
+
+
+@pytest.mark.parametrize("bad", ["count", "nan", "empty_row"])
+def test_prune_rows_error_leaves_masks_unchanged(bad, generator):
+    weights, masks = prune_inputs(torch.float32, generator)
+    retained = retained_per_row(weights, masks)
+    counts = retained // 3
+    if bad == "count":
+        row = int(retained.numel()) - 4  # a row of the 70,000-key tensor
+        counts[row] = retained[row] + 1
+        match = rf"counts\[{row}\] = \d+ is out of range"
+    elif bad == "nan":
+        weights[4][1, 60_000] = float("nan")
+        masks[4][1, 60_000] = True
+        match = r"weights\[4\] contains NaN or infinity"
+    else:
+        counts[-6] = 1  # the last row of the (3, 0) tensor
+        match = rf"counts\[{int(retained.numel()) - 6}\] = 1 is out of range"
+    before = [m.clone() for m in masks]
+    with pytest.raises(ValueError, match=match):
+        ops.prune_rows_(weights, masks, 32, counts)
+    assert all(torch.equal(a, b) for a, b in zip(masks, before))
+
+
+def test_prune_rows_opcheck(generator):
+    weights = [random_weights((6, 600), torch.float32, "ties", generator), torch.randn(4)]
+    masks = [random_mask((6, 600), 0.3, generator), torch.ones(4, dtype=torch.bool)]
+    counts = torch.tensor([5, 0, 100, 7, 1, 300, 1, 0, 1, 1])
+    torch.library.opcheck(ops.prune_rows_, (weights, masks, 32, counts))
+
+
+def test_api_prune_in_place_neuron_uses_prune_rows(generator, monkeypatch):
+    calls = []
+    fused = sap_kernels.ops.prune_rows_
+
+    def spy(*args):
+        calls.append(args[0])
+        return fused(*args)
+
+    monkeypatch.setattr(sap_kernels.ops, "prune_rows_", spy)
+    weights, masks = prune_inputs(torch.float32, generator)
+    counts = retained_per_row(weights, masks) // 4
+    want = reference.prune_by_stable_sort(weights, masks, counts, "neuron")
+    sap_kernels.prune_(weights, masks, counts, scope="neuron", backend="cpu")
+    assert calls == ["cpu"]
+    assert all(torch.equal(a, b) for a, b in zip(masks, want))
+    with pytest.raises(ValueError, match=r"counts\[0\]"):  # the API's message, masks unchanged
+        sap_kernels.prune_(weights, masks, counts + 10_000, scope="neuron", backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(masks, want))

@@ -5,6 +5,8 @@
 //                 rank_i = #{j < i in u : m_j, k_j = t_u} in flat order
 //                 (tensor order, then row-major).
 //   prune_masks_  the same, written over the masks.
+//   prune_rows_   neuron scope, t_u and e_u found per row (rowwise_kth_key with
+//                 k = counts) in the same pass, written over the masks.
 //   apply_masks_  w_i = m_i ? w_i : 0.
 //
 // Each walks the chunk table of masked_power_sums (at::parallel_for over
@@ -21,6 +23,7 @@
 #include "../shards.h"
 #include "magnitudes.h"
 #include "mask_backup.h"
+#include "row_select.h"
 #include "selection_args.h"
 #include "selection_keys.h"
 
@@ -117,6 +120,29 @@ int64_t prune_range(const Shard& shard, int64_t key_bits, int64_t begin, int64_t
   return 0;
 }
 
+// A row's new mask given its threshold key (< 0: the row keeps its mask) and
+// the number of retained keys equal to it to remove, in flat order; false
+// (with every tie removed) when the row has fewer ties than that. known_ties:
+// the row's retained keys equal to the threshold if the caller counted them
+// (-1 if not); when all of them go, one pass with threshold + 1 does it.
+bool prune_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length,
+               int64_t threshold_key, int64_t remove_equal, bool* out, int64_t known_ties = -1) {
+  if (threshold_key >= 0 && threshold_key < 0xffffffff && remove_equal == known_ties) {
+    write_kept_range(shard, key_bits, begin, length, uint32_t(threshold_key) + 1, out);
+    return true;
+  }
+  const int64_t ties = prune_range(shard, key_bits, begin, length, threshold_key, out);
+  const int64_t remove = threshold_key >= 0 ? remove_equal : 0;
+  const uint32_t threshold = uint32_t(threshold_key);
+  if (remove >= ties && ties > 0 && threshold < 0xffffffffu) {
+    // every tie goes (the common case): the row again, now in cache
+    write_kept_range(shard, key_bits, begin, length, threshold + 1, out);
+  } else if (remove > 0) {
+    remove_first_equal(shard, key_bits, begin, length, threshold, std::min(remove, ties), out);
+  }
+  return remove <= ties;
+}
+
 // The checked per-unit inputs of prune_masks and prune_masks_.
 struct PruneInputs {
   ShardTable table;
@@ -171,18 +197,9 @@ std::string prune_into(const PruneInputs& in, int64_t scope, int64_t key_bits,
         const int64_t length = shard.row_length;
         for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
           const int64_t row = shard.first_unit + begin / length;
-          const int64_t ties =
-              prune_range(shard, key_bits, begin, length, threshold_data[row], out + begin);
-          const int64_t remove = threshold_data[row] >= 0 ? remove_data[row] : 0;
-          if (remove > ties && short_row[c] < 0) short_row[c] = row;
-          const uint32_t threshold = uint32_t(threshold_data[row]);
-          if (remove >= ties && ties > 0 && threshold < 0xffffffffu) {
-            // every tie goes (the common case): the row again, now in cache
-            write_kept_range(shard, key_bits, begin, length, threshold + 1, out + begin);
-          } else if (remove > 0) {
-            remove_first_equal(shard, key_bits, begin, length, threshold, std::min(remove, ties),
-                               out + begin);
-          }
+          const bool enough_ties = prune_row(shard, key_bits, begin, length, threshold_data[row],
+                                             remove_data[row], out + begin);
+          if (!enough_ties && short_row[c] < 0) short_row[c] = row;
         }
       }
     }
@@ -280,6 +297,66 @@ void prune_masks_in_place_cpu(at::TensorList weights, at::TensorList masks, int6
   TORCH_CHECK_VALUE(false, error);
 }
 
+// --- prune_rows_ -------------------------------------------------------------
+
+// Neuron scope in one pass over the weights: each row's counts[r]-th smallest
+// retained key (select_row) and then its mask, while the row is in cache. The
+// masks are those of rowwise_kth_key (ks = counts) followed by prune_masks_
+// with (key, counts - below), which read the weights twice.
+void prune_rows_in_place_cpu(at::TensorList weights, at::TensorList masks, int64_t key_bits,
+                             const at::Tensor& counts) {
+  constexpr const char* op = "prune_rows_";
+  TORCH_CHECK_VALUE(masks.size() == weights.size(), op, ": got ", masks.size(), " masks for ",
+                    weights.size(), " weights");
+  const ShardTable table = checked_table(weights, optional_masks(masks), kNeuron, key_bits, op);
+  check_masks_in_place(masks, op);
+  const at::Tensor count_values = per_unit_values(counts, table.num_units, op, "counts");
+  const int64_t* k_data = count_values.data_ptr<int64_t>();
+  std::vector<Segment> segments;
+  std::vector<int64_t> chunk_starts;
+  make_segments(table, kNeuron, kChunk, segments, chunk_starts);
+  std::vector<bool*> mask_data;
+  for (const Shard& shard : table.shards) mask_data.push_back(const_cast<bool*>(shard.mask));
+  MaskBackup backup(segments);
+  const int64_t chunks = int64_t(chunk_starts.size()) - 1;
+  std::vector<RowError> errors(static_cast<size_t>(chunks));
+  const bool avx512 = use_avx512();
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    RowScratch scratch;
+    for (int64_t c = first; c < last; ++c) {
+      for (int64_t s = chunk_starts[c]; s < chunk_starts[c + 1]; ++s) {
+        const Segment& seg = segments[s];
+        const Shard& shard = table.shards[seg.shard];
+        bool* mask = mask_data[seg.shard];
+        backup.save(s, shard.mask + seg.begin, seg.length);
+        const int64_t length = shard.row_length;
+        for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
+          const int64_t row = shard.first_unit + begin / length;
+          const int64_t k = k_data[row];
+          const RowResult result = select_row(shard, key_bits, begin, length, k, scratch, avx512);
+          if (result.status != kRowOk) {
+            if (errors[c].status == kRowOk) {
+              errors[c] = RowError{result.status, row, seg.shard, k, result.retained};
+            }
+            continue;
+          }
+          // the exact k-th key leaves at least k - below ties to remove
+          prune_row(shard, key_bits, begin, length, result.key, k - result.below, mask + begin,
+                    result.equal);
+        }
+      }
+    }
+  });
+  for_each_empty_row(table, [&](int64_t row, int64_t shard) {
+    if (k_data[row] != 0) errors.push_back(RowError{kRowBadK, row, shard, k_data[row], 0});
+  });
+  for (const RowError& e : errors) {
+    if (e.status == kRowOk) continue;
+    backup.restore(segments, chunk_starts, mask_data, nullptr);  // every segment was saved
+    raise_first_row_error(errors, op, "counts");
+  }
+}
+
 // --- apply_masks_ ------------------------------------------------------------
 
 // w_i = m_i ? w_i : 0 on the raw bits (so NaN * 0 cannot survive); blocks whose
@@ -342,6 +419,7 @@ void apply_masks_cpu(at::TensorList weights, at::TensorList masks) {
 TORCH_LIBRARY_IMPL(sap_kernels, CPU, m) {
   m.impl("prune_masks", &prune_masks_cpu);
   m.impl("prune_masks_", &prune_masks_in_place_cpu);
+  m.impl("prune_rows_", &prune_rows_in_place_cpu);
   m.impl("apply_masks_", &apply_masks_cpu);
 }
 

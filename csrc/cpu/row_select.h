@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../kernel_types.h"
+#include "../shards.h"
 #include "keys_avx512.h"
 #include "magnitudes.h"
 #include "selection_keys.h"
@@ -21,12 +22,54 @@ enum RowStatus : int32_t { kRowOk = 0, kRowNonfinite = 1, kRowBadK = 2 };
 struct RowResult {
   int32_t status = kRowOk;
   int64_t key = -1, below = 0, retained = 0;
+  int64_t equal = -1;  // retained keys equal to key; -1: not counted (long rows)
 };
 
 // A thread's reusable buffers for the row selections.
 struct RowScratch {
   std::vector<uint32_t> keys, bins;
 };
+
+// selection.cpp: the k-th smallest retained key of a row (key -1 when k = 0)
+// and the retained keys below it, or the row's error status.
+RowResult select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, int64_t k,
+                     RowScratch& scratch, bool avx512);
+
+// The first failing row of a chunk (rowwise_kth_key, prune_rows_).
+struct RowError {
+  int32_t status = kRowOk;
+  int64_t row = 0, shard = 0, k = 0, retained = 0;
+};
+
+// Calls visit(row, shard) for each row of length 0: such rows have no segment.
+template <class Visit>
+void for_each_empty_row(const ShardTable& table, Visit visit) {
+  for (size_t s = 0; s < table.shards.size(); ++s) {
+    const Shard& shard = table.shards[s];
+    if (shard.numel != 0) continue;
+    const int64_t end =
+        s + 1 < table.shards.size() ? table.shards[s + 1].first_unit : table.num_units;
+    for (int64_t row = shard.first_unit; row < end; ++row) visit(row, int64_t(s));
+  }
+}
+
+// Raises the error of the lowest failing row, if any; `argument` names the
+// per-row k (ks, counts).
+inline void raise_first_row_error(const std::vector<RowError>& errors, const char* op,
+                                  const char* argument) {
+  const RowError* first = nullptr;
+  for (const RowError& e : errors) {
+    if (e.status != kRowOk && (first == nullptr || e.row < first->row)) first = &e;
+  }
+  if (first == nullptr) return;
+  const RowError& e = *first;
+  TORCH_CHECK_VALUE(e.status != kRowNonfinite, op, ": weights[", e.shard,
+                    "] contains NaN or infinity among its retained weights (row ", e.row,
+                    " of all rows)");
+  TORCH_CHECK_VALUE(false, op, ": ", argument, "[", e.row, "] = ", e.k,
+                    " is out of range: that row (in weights[", e.shard, "]) has ", e.retained,
+                    " retained weights (allowed: 0..", e.retained, ")");
+}
 
 // The sampled row select: every kRowSampleStride-th key of the row (the
 // retained ones) is counted in 2^DigitBits bins of its top significant bits;
@@ -156,6 +199,7 @@ __attribute__((target("arch=x86-64-v4"), noinline)) bool row_kth_by_sample_avx51
   result.key = kth;
   result.below = below + smaller_bins +
                  std::count_if(keys, keys + rank, [kth](uint32_t key) { return key < kth; });
+  result.equal = std::count(keys, keys + m, kth);  // every key equal to kth is in its bin
   return true;
 }
 

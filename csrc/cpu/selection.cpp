@@ -196,6 +196,7 @@ SAP_INLINE RowResult row_kth_by_partition(const Shard& shard, int64_t begin, int
   result.key = kth;
   result.below = std::count_if(buffer.begin(), buffer.begin() + (k - 1),
                                [kth](uint32_t key) { return key < kth; });
+  result.equal = std::count(buffer.begin(), buffer.begin() + n, kth);
   return result;
 }
 
@@ -309,6 +310,7 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
   const uint32_t kth = keys[r];
   result.key = kth;
   result.below = below + std::count_if(keys, keys + r, [kth](uint32_t key) { return key < kth; });
+  result.equal = std::count(keys, keys + n, kth);  // every key equal to kth is in its bin
   return result;
 }
 
@@ -347,6 +349,8 @@ SAP_INLINE RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int
   return result;
 }
 
+}  // namespace
+
 // Compiled once per instruction set (the bins' sums and block tests vectorise).
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) RowResult
 select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, int64_t k,
@@ -373,10 +377,7 @@ select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, 
   return result;
 }
 
-struct RowError {
-  int32_t status = kRowOk;
-  int64_t row = 0, shard = 0, k = 0, retained = 0;
-};
+namespace {
 
 at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
                                const c10::List<std::optional<at::Tensor>>& masks, int64_t key_bits,
@@ -413,34 +414,13 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
       }
     }
   });
-  // Rows of length 0 have no segment: their result is (-1, 0), and only k = 0 is valid.
-  for (size_t s = 0; s < table.shards.size(); ++s) {
-    const Shard& shard = table.shards[s];
-    if (shard.numel != 0) continue;
-    const int64_t end =
-        s + 1 < table.shards.size() ? table.shards[s + 1].first_unit : table.num_units;
-    for (int64_t row = shard.first_unit; row < end; ++row) {
-      out_data[2 * row] = -1;
-      out_data[2 * row + 1] = 0;
-      if (k_data[row] != 0) {
-        errors.push_back(RowError{kRowBadK, row, int64_t(s), k_data[row], 0});
-        break;
-      }
-    }
-  }
-  const RowError* first = nullptr;  // the error of the lowest row
-  for (const RowError& e : errors) {
-    if (e.status != kRowOk && (first == nullptr || e.row < first->row)) first = &e;
-  }
-  if (first != nullptr) {
-    const RowError& e = *first;
-    TORCH_CHECK_VALUE(e.status != kRowNonfinite, op, ": weights[", e.shard,
-                      "] contains NaN or infinity among its retained weights (row ", e.row,
-                      " of all rows)");
-    TORCH_CHECK_VALUE(false, op, ": ks[", e.row, "] = ", e.k,
-                      " is out of range: that row (in weights[", e.shard, "]) has ", e.retained,
-                      " retained weights (allowed: 0..", e.retained, ")");
-  }
+  // Rows of length 0: their result is (-1, 0), and only k = 0 is valid.
+  for_each_empty_row(table, [&](int64_t row, int64_t shard) {
+    out_data[2 * row] = -1;
+    out_data[2 * row + 1] = 0;
+    if (k_data[row] != 0) errors.push_back(RowError{kRowBadK, row, shard, k_data[row], 0});
+  });
+  raise_first_row_error(errors, op, "ks");
   return out;
 }
 
