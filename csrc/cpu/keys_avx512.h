@@ -30,6 +30,16 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_key
   }
 }
 
+// Lane j set where mask byte j (of 16) is non-zero: which of 16 keys are
+// retained; all 16 without masks.
+template <bool Masked>
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __mmask16 kept_lanes16(
+    const uint8_t* mask, int64_t i) {
+  if constexpr (!Masked) return 0xffff;
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
+  return _mm_test_epi8_mask(bytes, bytes);
+}
+
 // Read once per op call (the environment is read each time: tests set it).
 inline bool use_avx512() {
   static const bool supported = __builtin_cpu_supports("avx512f") &&

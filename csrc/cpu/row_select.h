@@ -137,11 +137,7 @@ __attribute__((target("arch=x86-64-v4"), noinline)) bool row_kth_by_sample_avx51
   int64_t retained = 0, bad = 0, below = 0, n = 0, i = 0;
   for (; i + 16 <= length; i += 16) {
     const __m512i key = load_keys<Type, KeyBits>(shard.data, begin + i);
-    __mmask16 keep = 0xffff;
-    if constexpr (Masked) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
-      keep = _mm_test_epi8_mask(bytes, bytes);
-    }
+    const __mmask16 keep = kept_lanes16<Masked>(mask, i);
     const __mmask16 under = _mm512_mask_cmplt_epu32_mask(keep, key, low);
     const __mmask16 inside = _mm512_mask_cmple_epu32_mask(keep & ~under, key, high);
     retained += _mm_popcnt_u32(keep);

@@ -137,10 +137,8 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_avx512(const Sh
     int64_t used = out.used;
     for (; i < group_end; i += 16) {
       const __m512i key = load_keys<Type, KeyBits>(shard.data, begin + i);
-      __mmask16 keep = 0xffff;
+      const __mmask16 keep = kept_lanes16<Masked>(mask, i);
       if constexpr (Masked) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
-        keep = _mm_test_epi8_mask(bytes, bytes);
         if (Prune && write.old_bits != nullptr) write.old_bits[i / 16] = keep;
       }
       const __mmask16 low = _mm512_mask_cmplt_epu32_mask(keep, key, lo);

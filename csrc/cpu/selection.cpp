@@ -221,11 +221,7 @@ __attribute__((target("arch=x86-64-v4"), noinline)) int64_t collect_bin_avx512(
   int64_t n = 0, i = 0;
   for (; i + 16 <= length; i += 16) {
     const __m512i key = load_keys<Type, KeyBits>(shard.data, begin + i);
-    __mmask16 keep = 0xffff;
-    if constexpr (Masked) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
-      keep = _mm_test_epi8_mask(bytes, bytes);
-    }
+    const __mmask16 keep = kept_lanes16<Masked>(mask, i);
     const __mmask16 inside =
         _mm512_mask_cmpeq_epi32_mask(keep, _mm512_maskz_srli_epi32(0xffff, key, Shift), target);
     _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi32(inside, key));
