@@ -66,11 +66,11 @@ def test_graph_capture_is_refused_and_leaves_nothing_cached():
     weights, _ = make_inputs([(64, 33), (100,)], torch.float32, False, 81, "cuda")
     zeros = torch.zeros(1, dtype=torch.int64, device="cuda")
     _extension.clear_cuda_table_cache()
-    graph = torch.cuda.graph_pool_handle()
+    pool = torch.cuda.graph_pool_handle()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         with pytest.raises(RuntimeError, match="captured into a CUDA graph"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=graph, stream=stream):
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=pool, stream=stream):
                 torch.ops.sap_kernels.magnitude_histogram(weights, [], GLOBAL, 32, zeros, 0)
     assert _extension.cuda_table_cache_stats()["entries"] == 0
     got = torch.ops.sap_kernels.magnitude_histogram(weights, [], GLOBAL, 32, zeros, 0)

@@ -12,6 +12,11 @@
 
 namespace sap_kernels::cpu {
 
+// Whether load_keys has a vector form: float16 weights with 32-bit keys
+// (their float32 bit patterns) are converted one at a time.
+template <int Type, int KeyBits>
+inline constexpr bool kVectorKeys = !(Type == kFloat16 && KeyBits == 32);
+
 template <int Type, int KeyBits>
 __attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i load_keys(const void* data,
                                                                                   int64_t i) {

@@ -350,8 +350,8 @@ void prune_rows_in_place_cpu(at::TensorList weights, at::TensorList masks, int64
   for_each_empty_row(table, [&](int64_t row, int64_t shard) {
     if (k_data[row] != 0) errors.push_back(RowError{kRowBadK, row, shard, k_data[row], 0});
   });
-  for (const RowError& e : errors) {
-    if (e.status == kRowOk) continue;
+  if (std::any_of(errors.begin(), errors.end(),
+                  [](const RowError& e) { return e.status != kRowOk; })) {
     backup.restore(segments, chunk_starts, mask_data, nullptr);  // every segment was saved
     raise_first_row_error(errors, op, "counts");
   }

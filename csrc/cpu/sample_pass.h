@@ -178,7 +178,7 @@ __attribute__((target("arch=x86-64-v4"))) void count_and_collect_range_avx512(
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
     constexpr bool M = decltype(masked)::value;
-    if constexpr (T == kFloat16 && B == 32) {
+    if constexpr (!kVectorKeys<T, B>) {
       if (write.mask != nullptr) {
         count_and_collect<T, B, M, true>(shard, begin, length, bracket, out, write);
       } else {

@@ -285,9 +285,8 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
   scratch.keys.resize(bins[bin] + 16);
   uint32_t* keys = scratch.keys.data();
   int64_t n = 0;
-  constexpr bool kVectorKeys = !(Type == kFloat16 && KeyBits == 32);  // see load_keys
-  if (kVectorKeys && avx512) {
-    if constexpr (kVectorKeys) {
+  if (kVectorKeys<Type, KeyBits> && avx512) {
+    if constexpr (kVectorKeys<Type, KeyBits>) {
       n = collect_bin_avx512<Type, KeyBits, Masked, kShift>(shard, begin, length, bin, keys);
     }
   } else {
@@ -358,8 +357,7 @@ select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, 
     if (length > kLongRow) {
       result = row_kth_by_histogram<T, B, M>(shard, begin, length, k, scratch);
     } else if (length >= kBinnedRow) {
-      constexpr bool kVectorKeys = !(T == kFloat16 && B == 32);  // see load_keys
-      if constexpr (kVectorKeys) {
+      if constexpr (kVectorKeys<T, B>) {
         if (avx512 && row_kth_by_sample_avx512<T, B, M, kRowDigitBits>(shard, begin, length, k,
                                                                        scratch, result)) {
           return;
