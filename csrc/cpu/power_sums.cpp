@@ -10,8 +10,10 @@
 // weights count as 0, which every power maps to 0), then adds each block's
 // total to float64, so rounding error does not grow with the model size.
 // Exact powers (sqrt, 1, 2, integers) decode and sum 16 weights at a time in
-// registers; general exponents (exp2/log2 per weight) first decode a block
-// into an L1 buffer of magnitudes. Per-segment float64 partials are reduced
+// registers; general exponents first decode a block into an L1 buffer of
+// magnitudes (finding its smallest and largest), then take each power from
+// tables and a short series (PowerTable) or, for blocks spanning more than 32
+// binades, from exp2/log2. Per-segment float64 partials are reduced
 // in segment order, so results are bit-identical whatever the thread count.
 // The block kernels (power_sums_blocks.h) are compiled for x86-64-v4, -v3 and
 // the baseline; their order of additions does not depend on the vector width
@@ -42,12 +44,34 @@ struct Sums {
   int64_t retained = 0, nonfinite = 0;
 };
 
+// |w|^r for a general exponent r by table lookups instead of exp2/log2.
+// With |w| = 2^(e-127) * m, m in [1, 2) lying in bin i (the top 5 bits of its
+// fraction) around the bin's centre c_i = 1 + (i + 1/2) / 32:
+//
+//   |w|^r = 2^(r (e-127)) * c_i^r * (1 + delta)^r,   delta = (m - c_i) / c_i,
+//
+// |delta| < 1/64. Both powers come from tables rounded to float32, each with
+// its rounding error kept as a relative correction, so the float32 product
+// carries no bias from the tables; (1 + delta)^r - 1 is its binomial series,
+// cut where the next term is below 1e-10 relative. A block uses the 32
+// exponents below its largest magnitude's, one register pair's worth.
+struct PowerTable {
+  static constexpr int kBins = 32;
+  static constexpr int kMaxDegree = 16;
+  int degree = 0;  // 0: r is too large for the series, so the exp2/log2 form is used
+  float binomial[kMaxDegree] = {};                           // C(r, k), k = 1..degree
+  float scale[256] = {}, scale_error[256] = {};              // 2^(r (e-127)) by exponent field e
+  float bin_power[kBins] = {}, bin_power_error[kBins] = {};  // c_i^r
+};
+
 struct PowerPlan {
   double p, q;
   PowerKind p_kind, q_kind;
   // Blocks whose largest magnitude lies outside [safe_min, safe_max] could
   // overflow or underflow float32 powers; they are summed in float64 instead.
   float safe_min, safe_max;
+  PowerTable p_table, q_table;           // filled for general exponents only
+  float bin_inverse[PowerTable::kBins];  // 1 / c_i
 };
 
 }  // namespace
@@ -102,12 +126,51 @@ RangePowerSums select_range_power_sums() {
   return &x86_64_baseline::range_power_sums;
 }
 
+double bin_centre(int bin) {
+  return 1.0 + (bin + 0.5) / PowerTable::kBins;
+}
+
+// exact / float(exact) - 1, or 0 where float(exact) is not a normal float.
+float rounding_error(double exact, float rounded) {
+  return std::isnormal(rounded) ? float(exact / double(rounded) - 1.0) : 0.f;
+}
+
+void fill_power_table(double r, PowerTable& table) {
+  // |C(r, n+1)| (1/64)^(n+1) bounds the series' tail after degree n.
+  double binomial = 1.0;
+  for (int k = 1; k <= PowerTable::kMaxDegree; ++k) {
+    binomial *= (r - (k - 1)) / k;
+    table.binomial[k - 1] = float(binomial);
+    const double next_term = std::abs(binomial * (r - k) / (k + 1)) * std::exp2(-6.0 * (k + 1));
+    if (next_term < 1e-10) {
+      table.degree = k;
+      break;
+    }
+  }
+  if (table.degree == 0) return;
+  for (int e = 1; e < 255; ++e) {
+    const double exact = std::exp2(r * (e - 127));
+    table.scale[e] = float(exact);
+    table.scale_error[e] = rounding_error(exact, table.scale[e]);
+  }
+  for (int bin = 0; bin < PowerTable::kBins; ++bin) {
+    const double exact = std::pow(bin_centre(bin), r);
+    table.bin_power[bin] = float(exact);
+    table.bin_power_error[bin] = rounding_error(exact, table.bin_power[bin]);
+  }
+}
+
 PowerPlan make_plan(double p, double q) {
-  PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f};
+  PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f, {}, {}, {}};
   // Keep max|w|^q within [2^-100, 2^100] (and sums of 2^10 such terms in
   // float32 range); outside it the block is summed in float64.
   plan.safe_max = float(std::exp2(100.0 / q));
   plan.safe_min = float(std::exp2(-100.0 / q));
+  if (plan.p_kind == kPowGeneral) fill_power_table(p, plan.p_table);
+  if (plan.q_kind == kPowGeneral) fill_power_table(q, plan.q_table);
+  for (int bin = 0; bin < PowerTable::kBins; ++bin) {
+    plan.bin_inverse[bin] = float(1.0 / bin_centre(bin));
+  }
   return plan;
 }
 
