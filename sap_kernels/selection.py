@@ -420,10 +420,12 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
             return list(masks)
         return _copy_into(masks, new_masks) if in_place else new_masks
 
-    if scope == "neuron" and write_over and ops.has_row_prune(chosen):
-        # each row's threshold found and applied in one pass over the weights
-        _prune_rows_(chosen, weights, mask_list, counts, key_bits)
-        return finish(None)
+    if scope == "neuron" and ops.has_row_prune(chosen) and not _compiling():
+        # each row's threshold found and applied in one pass over the weights,
+        # on the masks themselves or on copies of them
+        targets = mask_list if write_over else _mask_copies(tensors, mask_list)
+        _prune_rows_(chosen, weights, targets, counts, key_bits)
+        return finish(None if write_over else targets)
     sampled = (
         ops.has_sample_prune(chosen)
         and _uses_sample_select(chosen, scope, None, key_bits)
@@ -448,6 +450,16 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
         ops.prune_masks_(*args)
         return finish(None)
     return finish(ops.prune_masks(*args))
+
+
+def _mask_copies(tensors, mask_list) -> list[torch.Tensor]:
+    """Contiguous copies of the masks (all True where a mask is None)."""
+    return [
+        torch.ones(w.shape, dtype=torch.bool, device=w.device)
+        if m is None
+        else m.clone(memory_format=torch.contiguous_format)
+        for w, m in zip(tensors, mask_list)
+    ]
 
 
 def _prune_rows_(backend, weights, mask_list, counts, key_bits) -> None:

@@ -192,3 +192,36 @@ def test_api_prune_in_place_neuron_uses_prune_rows(generator, monkeypatch):
     with pytest.raises(ValueError, match=r"counts\[0\]"):  # the API's message, masks unchanged
         sap_kernels.prune_(weights, masks, counts + 10_000, scope="neuron", backend="cpu")
     assert all(torch.equal(a, b) for a, b in zip(masks, want))
+
+
+@pytest.mark.parametrize("kind", ["copies", "no masks", "non-contiguous in place"])
+def test_api_prune_new_masks_neuron_uses_prune_rows(kind, generator, monkeypatch):
+    """`prune` (new masks), and `prune_` on masks it cannot write where they are,
+    run prune_rows_ on copies: the result matches the reference and the inputs
+    are untouched."""
+    calls = []
+    fused = sap_kernels.ops.prune_rows_
+
+    def spy(*args):
+        calls.append(args[0])
+        return fused(*args)
+
+    monkeypatch.setattr(sap_kernels.ops, "prune_rows_", spy)
+    weights, masks = prune_inputs(torch.float32, generator)
+    if kind == "no masks":
+        masks = None
+    elif kind == "non-contiguous in place":
+        masks = [m.t().contiguous().t() if m.dim() == 2 else m for m in masks]
+    counts = retained_per_row(weights, masks or [None] * len(weights)) // 3
+    want = reference.prune_by_stable_sort(weights, masks, counts, "neuron")
+    before = None if masks is None else [m.clone() for m in masks]
+    if kind == "non-contiguous in place":
+        got = sap_kernels.prune_(weights, masks, counts, scope="neuron", backend="cpu")
+        assert all(g is m for g, m in zip(got, masks))
+    else:
+        got = sap_kernels.prune(weights, masks, counts, scope="neuron", backend="cpu")
+        if masks is not None:
+            assert all(torch.equal(a, b) for a, b in zip(masks, before))
+    assert calls == ["cpu"]
+    assert all(g.is_contiguous() or kind == "non-contiguous in place" for g in got)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
