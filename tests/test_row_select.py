@@ -174,7 +174,9 @@ def test_prune_rows_opcheck(generator):
     torch.library.opcheck(ops.prune_rows_, (weights, masks, 32, counts))
 
 
-def test_api_prune_in_place_neuron_uses_prune_rows(generator, monkeypatch):
+@pytest.fixture
+def prune_rows_calls(monkeypatch) -> list[str]:
+    """The backends that ops.prune_rows_ was called with, call by call."""
     calls = []
     fused = sap_kernels.ops.prune_rows_
 
@@ -183,11 +185,16 @@ def test_api_prune_in_place_neuron_uses_prune_rows(generator, monkeypatch):
         return fused(*args)
 
     monkeypatch.setattr(sap_kernels.ops, "prune_rows_", spy)
+    return calls
+
+
+def test_api_prune_in_place_neuron_uses_prune_rows(generator, prune_rows_calls):
+
     weights, masks = prune_inputs(torch.float32, generator)
     counts = retained_per_row(weights, masks) // 4
     want = reference.prune_by_stable_sort(weights, masks, counts, "neuron")
     sap_kernels.prune_(weights, masks, counts, scope="neuron", backend="cpu")
-    assert calls == ["cpu"]
+    assert prune_rows_calls == ["cpu"]
     assert all(torch.equal(a, b) for a, b in zip(masks, want))
     with pytest.raises(ValueError, match=r"counts\[0\]"):  # the API's message, masks unchanged
         sap_kernels.prune_(weights, masks, counts + 10_000, scope="neuron", backend="cpu")
@@ -195,18 +202,11 @@ def test_api_prune_in_place_neuron_uses_prune_rows(generator, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["copies", "no masks", "non-contiguous in place"])
-def test_api_prune_new_masks_neuron_uses_prune_rows(kind, generator, monkeypatch):
+def test_api_prune_new_masks_neuron_uses_prune_rows(kind, generator, prune_rows_calls):
     """`prune` (new masks), and `prune_` on masks it cannot write where they are,
     run prune_rows_ on copies: the result matches the reference and the inputs
     are untouched."""
-    calls = []
-    fused = sap_kernels.ops.prune_rows_
 
-    def spy(*args):
-        calls.append(args[0])
-        return fused(*args)
-
-    monkeypatch.setattr(sap_kernels.ops, "prune_rows_", spy)
     weights, masks = prune_inputs(torch.float32, generator)
     if kind == "no masks":
         masks = None
@@ -222,6 +222,6 @@ def test_api_prune_new_masks_neuron_uses_prune_rows(kind, generator, monkeypatch
         got = sap_kernels.prune(weights, masks, counts, scope="neuron", backend="cpu")
         if masks is not None:
             assert all(torch.equal(a, b) for a, b in zip(masks, before))
-    assert calls == ["cpu"]
+    assert prune_rows_calls == ["cpu"]
     assert all(g.is_contiguous() or kind == "non-contiguous in place" for g in got)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
