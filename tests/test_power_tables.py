@@ -9,6 +9,7 @@ instruction-set copy must give the same bits.
 
 from __future__ import annotations
 
+import math
 import platform
 
 import pytest
@@ -115,6 +116,13 @@ def block_case(name: str, generator) -> tuple[torch.Tensor, float, float]:
         return w.clamp(-1, 1), 0.7, 40.0
     if name == "huge exponent":  # the series does not converge fast: exp2/log2 form
         return w.clamp(-1, 1), 0.7, 150.0
+    if name.startswith("tiny scales"):  # q = 40, 100: rows whose 2^(q (e-127)) underflows
+        q = float(name.split()[-1])
+        w = torch.zeros(1024, dtype=torch.float64)
+        w[0] = 2 ** (-100 / q) * 1.01  # the block's largest is just inside the safe range
+        top = math.floor(-126 / q)  # the others' powers straddle float32's smallest normal
+        w[1:] = 1.99 * 2.0 ** (top - 1) * torch.linspace(0.55, 1, 1023, dtype=torch.float64)
+        return w.float(), 0.7, q
     raise ValueError(name)
 
 
@@ -126,6 +134,8 @@ BLOCK_CASES = [
     "just 32 binades",
     "large exponent",
     "huge exponent",
+    "tiny scales 40",
+    "tiny scales 100",
 ]
 
 
@@ -147,7 +157,7 @@ def test_every_block_form_matches_float64(name, generator, monkeypatch):
         assert torch.equal(sums[isa], sums[""]), isa
 
 
-@pytest.mark.parametrize("name", ["low window", "just 32 binades", "large exponent"])
+@pytest.mark.parametrize("name", ["low window", "just 32 binades"])
 def test_window_edges_round_each_power_about_once(name, generator):
     """Blocks at the window's edges still take the table form (each power rounded
     about once): a weight alone in its block is its own window's top binade, so
@@ -164,7 +174,48 @@ def test_every_binade_of_float32(generator):
     exponents = torch.arange(-126, 128, dtype=torch.float64)
     mantissas = 1 + torch.rand(exponents.shape, generator=generator, dtype=torch.float64)
     w = (mantissas * torch.exp2(exponents)).float()
-    for p, q in [(0.3, 0.9), (0.7, 1.3)]:
+    for p, q in [(0.3, 0.7), (0.7, 1.3)]:  # (0.3, 0.7): float64 summing for no binade
         got = per_weight_powers(w, p, q)
         for column, r in ((0, p), (1, q)):
             assert_rounded_about_once(got[:, column], w, r)
+
+
+def test_large_exponent_tabled(generator):
+    """r = 40 takes the table form down to 2^-2 (below, its scales would be tiny)."""
+    w = torch.rand(4096, generator=generator) * 0.75 + 0.25
+    got = per_weight_powers(w, 0.7, 40.0)
+    assert_rounded_about_once(got[:, 1], w, 40.0)
+
+
+def test_large_exponent_near_underflow(generator):
+    """At r = 80 the scale rows below 2^-1.3 would be subnormal: those weights take
+    the exp2/log2 form (the table form returned 0 for 0.4679^80 = 4.1e-27)."""
+    w = torch.rand(4096, generator=generator) * 0.6 + 0.4
+    got = per_weight_powers(w, 0.7, 80.0)
+    want = w.double().pow(80.0)
+    torch.testing.assert_close(got[:, 1], want, rtol=5e-8 * 80, atol=0)
+
+
+def test_a_block_whose_smallest_is_the_window_bottom_is_tabled(generator):
+    """Rows of [a, b] with a in [1, 2) and b = 2^-31, the window's lowest magnitude:
+    the table form runs and each row's sum, dominated by a^r, is faithful. (Falling
+    back here, as an off-by-one in the window check would, gives up to ~5 ulps.)"""
+    n = 1 << 14
+    rows = torch.full((n, 2), 2.0**-31)
+    rows[:, 0] = 1 + torch.rand(n, generator=generator)
+    sums = power_sums([rows], [None], 1.3, 2.5, 2)
+    for column, r in ((0, 1.3), (1, 2.5)):  # b^r < 2^-40 a^r: below a^r's rounding
+        assert_rounded_about_once(sums[:, column], rows[:, 0], r)
+
+
+def test_pruned_weights_do_not_shape_the_window(generator):
+    """Pruned weights, huge or tiny, share blocks with retained ones and change
+    nothing: the sums equal float64 over the retained weights alone."""
+    w = torch.randn(3 * 1024 + 5, generator=generator)
+    mask = random_mask(w.shape, 0.3, generator)
+    w[~mask] = torch.where(torch.rand(int((~mask).sum()), generator=generator) < 0.5, 1e30, 1e-30)
+    a = w[mask].double().abs()
+    for p, q in [(0.7, 1.3), (0.3, 2.5)]:
+        got = power_sums([w], [mask], p, q, 0)[0]
+        want = torch.tensor([float(a.pow(p).sum()), float(a.pow(q).sum()), float(mask.sum())])
+        torch.testing.assert_close(got, want.double(), rtol=3e-7, atol=0)

@@ -62,6 +62,10 @@ struct PowerTable {
   float binomial[kMaxDegree] = {};                           // C(r, k), k = 1..degree
   float scale[256] = {}, scale_error[256] = {};              // 2^(r (e-127)) by exponent field e
   float bin_power[kBins] = {}, bin_power_error[kBins] = {};  // c_i^r
+  // The smallest exponent field whose scale is >= 2^-102, so the product with
+  // c_i^r and its rounding error stay normal floats. Large r push it up (r = 40:
+  // 125); blocks reaching below it take the exp2/log2 form.
+  int lowest_row = 1;
 };
 
 struct PowerPlan {
@@ -72,6 +76,7 @@ struct PowerPlan {
   float safe_min, safe_max;
   PowerTable p_table, q_table;           // filled for general exponents only
   float bin_inverse[PowerTable::kBins];  // 1 / c_i
+  int lowest_window_row;                 // the larger lowest_row of the tabled exponents
 };
 
 }  // namespace
@@ -148,10 +153,12 @@ void fill_power_table(double r, PowerTable& table) {
     }
   }
   if (table.degree == 0) return;
-  for (int e = 1; e < 255; ++e) {
+  table.lowest_row = 255;
+  for (int e = 254; e >= 1; --e) {
     const double exact = std::exp2(r * (e - 127));
     table.scale[e] = float(exact);
     table.scale_error[e] = rounding_error(exact, table.scale[e]);
+    if (exact >= 0x1p-102) table.lowest_row = e;
   }
   for (int bin = 0; bin < PowerTable::kBins; ++bin) {
     const double exact = std::pow(bin_centre(bin), r);
@@ -161,7 +168,7 @@ void fill_power_table(double r, PowerTable& table) {
 }
 
 PowerPlan make_plan(double p, double q) {
-  PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f, {}, {}, {}};
+  PowerPlan plan{p, q, classify_power(p), classify_power(q), 0.f, 0.f, {}, {}, {}, 1};
   // Keep max|w|^q within [2^-100, 2^100] (and sums of 2^10 such terms in
   // float32 range); outside it the block is summed in float64.
   plan.safe_max = float(std::exp2(100.0 / q));
@@ -171,6 +178,7 @@ PowerPlan make_plan(double p, double q) {
   for (int bin = 0; bin < PowerTable::kBins; ++bin) {
     plan.bin_inverse[bin] = float(1.0 / bin_centre(bin));
   }
+  plan.lowest_window_row = std::max(plan.p_table.lowest_row, plan.q_table.lowest_row);
   return plan;
 }
 

@@ -365,8 +365,9 @@ SAP_INLINE LaneBlock lane_block_sums(const Shard& shard, int64_t begin, int n, P
 // The same sums in two phases, for general exponents: the block is decoded
 // into buf (finding its smallest and largest magnitude), then its powers are
 // summed. The table form runs when the block's nonzero magnitudes span at most
-// 32 binades and none is subnormal; otherwise the exp2/log2 form does (~4x the
-// time, up to ~5 ulps per power against ~1).
+// 32 binades, none below the tables' lowest row (so none is subnormal);
+// otherwise the exp2/log2 form does (~4x the time, up to ~5 ulps per power
+// against ~1).
 template <int32_t Type, bool Masked, class P, class Q>
 SAP_INLINE LaneBlock buffered_block_sums(const Shard& shard, int64_t begin, int n, P pow_p, Q pow_q,
                                          const PowerPlan& plan, float* buf) {
@@ -376,7 +377,7 @@ SAP_INLINE LaneBlock buffered_block_sums(const Shard& shard, int64_t begin, int 
                   int32_t(counts.retained), int32_t(counts.nonfinite)};
   if (block.max_bits != 0) {
     const int padded = (n + kLanes - 1) / kLanes * kLanes;
-    const int window_base = std::max(1, int(block.max_bits >> 23) - 31);
+    const int window_base = std::max(plan.lowest_window_row, int(block.max_bits >> 23) - 31);
     if (has_table_form(pow_p) && has_table_form(pow_q) && min_bits >= uint32_t(window_base) << 23) {
       add_block_powers_tabled(buf, padded, window_base, plan.bin_inverse, pow_p, pow_q, block.sum_p,
                               block.sum_q);

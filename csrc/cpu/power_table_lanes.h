@@ -3,55 +3,43 @@
 // Lanes, kWidth and PowGeneral are that copy's. No include guard on purpose.
 
 // a * b + c rounded once, lane-wise. Intrinsics: GCC 12 scalarises some
-// inlined copies of the lane loop.
+// inlined copies of the lane loop. (bits_as moves between GCC's vector types
+// and the intrinsics' types of the same size.)
 SAP_INLINE Lanes fma_each(Lanes a, Lanes b, Lanes c) {
-  Lanes out;
 #if SAP_KERNELS_VECTOR_WIDTH == 16
-  __m512 va, vb, vc;
-  std::memcpy(&va, &a, sizeof(a));
-  std::memcpy(&vb, &b, sizeof(b));
-  std::memcpy(&vc, &c, sizeof(c));
-  const __m512 fused = _mm512_fmadd_ps(va, vb, vc);
-  std::memcpy(&out, &fused, sizeof(out));
+  return bits_as<Lanes>(
+      _mm512_fmadd_ps(bits_as<__m512>(a), bits_as<__m512>(b), bits_as<__m512>(c)));
 #elif SAP_KERNELS_VECTOR_WIDTH == 8
-  __m256 va, vb, vc;
-  std::memcpy(&va, &a, sizeof(a));
-  std::memcpy(&vb, &b, sizeof(b));
-  std::memcpy(&vc, &c, sizeof(c));
-  const __m256 fused = _mm256_fmadd_ps(va, vb, vc);
-  std::memcpy(&out, &fused, sizeof(out));
+  return bits_as<Lanes>(
+      _mm256_fmadd_ps(bits_as<__m256>(a), bits_as<__m256>(b), bits_as<__m256>(c)));
 #else
+  Lanes out;
   for (int l = 0; l < kWidth; ++l) out[l] = __builtin_fmaf(a[l], b[l], c[l]);
-#endif
   return out;
+#endif
 }
 
 // table[index & 31] in every lane: one two-register permute where the copy
 // has it.
 SAP_INLINE Lanes lookup32(const float* table, LaneInts index) {
-  Lanes out;
 #if SAP_KERNELS_VECTOR_WIDTH == 16
-  __m512i lanes;
-  std::memcpy(&lanes, &index, sizeof(lanes));
-  const __m512 found =
-      _mm512_permutex2var_ps(_mm512_loadu_ps(table), lanes, _mm512_loadu_ps(table + 16));
-  std::memcpy(&out, &found, sizeof(out));
+  return bits_as<Lanes>(_mm512_permutex2var_ps(_mm512_loadu_ps(table), bits_as<__m512i>(index),
+                                               _mm512_loadu_ps(table + 16)));
 #elif SAP_KERNELS_VECTOR_WIDTH == 8
   // Four 8-entry permutes, then index bits 3 and 4 (moved to the sign bit) pick.
-  __m256i lanes;
-  std::memcpy(&lanes, &index, sizeof(lanes));
+  const __m256i lanes = bits_as<__m256i>(index);
   const auto quarter = [&](int q) {
     return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8 * q), lanes);
   };
   const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 28));
   const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 27));
-  const __m256 found = _mm256_blendv_ps(_mm256_blendv_ps(quarter(0), quarter(1), bit3),
-                                        _mm256_blendv_ps(quarter(2), quarter(3), bit3), bit4);
-  std::memcpy(&out, &found, sizeof(out));
+  return bits_as<Lanes>(_mm256_blendv_ps(_mm256_blendv_ps(quarter(0), quarter(1), bit3),
+                                         _mm256_blendv_ps(quarter(2), quarter(3), bit3), bit4));
 #else
+  Lanes out;
   for (int l = 0; l < kWidth; ++l) out[l] = table[index[l] & 31];
-#endif
   return out;
+#endif
 }
 
 // What the table form needs of kWidth magnitudes, shared by both exponents
