@@ -257,6 +257,16 @@ SAP_INLINE void add_block_powers(const float* __restrict buf, int padded, PowerP
   }
 }
 
+// The 16 lanes of kParts registers added in lane order (the parts' lanes are
+// contiguous), as add_block_powers adds its lane array.
+SAP_INLINE float ordered_lane_sum(const Lanes (&parts)[kParts]) {
+  alignas(64) float lanes[kLanes];
+  std::memcpy(lanes, parts, sizeof(lanes));
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
 #include "power_table_lanes.h"
 
 SAP_INLINE void add_block_powers_f64(const float* buf, int n, const PowerPlan& plan, Sums& sums) {
@@ -344,17 +354,12 @@ SAP_INLINE LaneBlock lane_block_sums(const Shard& shard, int64_t begin, int n, P
     add_lane_group<Type, true>(acc, raw, 0, kept, pow_p, pow_q);
   }
   // The 16 lanes in order, through arrays (the parts' lanes are contiguous).
-  alignas(64) float lane_p[kLanes], lane_q[kLanes];
   alignas(64) int32_t lane_max[kLanes], lane_retained[kLanes], lane_nonfinite[kLanes];
-  std::memcpy(lane_p, acc.sum_p, sizeof(lane_p));
-  std::memcpy(lane_q, acc.sum_q, sizeof(lane_q));
   std::memcpy(lane_max, acc.max_bits, sizeof(lane_max));
   std::memcpy(lane_retained, acc.retained, sizeof(lane_retained));
   std::memcpy(lane_nonfinite, acc.nonfinite, sizeof(lane_nonfinite));
-  LaneBlock block{0.f, 0.f, 0, 0, 0};
+  LaneBlock block{ordered_lane_sum(acc.sum_p), ordered_lane_sum(acc.sum_q), 0, 0, 0};
   for (int l = 0; l < kLanes; ++l) {
-    block.sum_p += lane_p[l];
-    block.sum_q += lane_q[l];
     block.max_bits = std::max(block.max_bits, uint32_t(lane_max[l]));
     block.retained += lane_retained[l];
     block.nonfinite += lane_nonfinite[l];

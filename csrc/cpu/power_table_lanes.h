@@ -103,13 +103,6 @@ SAP_INLINE void add_block_powers_tabled(const float* __restrict buf, int padded,
       sum_q[j] += power_lanes(pow_q, v, lanes, window_base);
     }
   }
-  alignas(64) float lane_p[kLanes], lane_q[kLanes];
-  std::memcpy(lane_p, sum_p, sizeof(lane_p));
-  std::memcpy(lane_q, sum_q, sizeof(lane_q));
-  block_p = 0.f;
-  block_q = 0.f;
-  for (int l = 0; l < kLanes; ++l) {
-    block_p += lane_p[l];
-    block_q += lane_q[l];
-  }
+  block_p = ordered_lane_sum(sum_p);
+  block_q = ordered_lane_sum(sum_q);
 }
