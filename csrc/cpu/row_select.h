@@ -87,12 +87,32 @@ inline void raise_first_row_error(const std::vector<RowError>& errors, const cha
 constexpr int64_t kRowSampleStride = 8;
 // Fewer retained keys than this in the sample: the caller's full count.
 constexpr int64_t kRowMinSample = 32;
-// The sample is the first read of a row, one scalar load per 8 keys: the
-// hardware prefetcher alone leaves it waiting on memory (perf: ~45% of the
-// select on one load). Prefetching this far ahead, more than a typical row,
-// took rowwise_kth_key from 84 to 59-61 ms on 261M float32 weights (4 KiB: 63,
-// 1 KiB: 76; alternating-process A/B, rows of 1,536 keys).
+// The first read of a row is a scalar loop (the sample: one load per 8 keys;
+// the full count: one per key), which the hardware prefetcher alone leaves
+// waiting on memory (perf: ~45% of the sampled select on one load).
+// Prefetching this far ahead, more than a typical row, took rowwise_kth_key
+// from 84 to 59-61 ms on 261M float32 weights (4 KiB: 63, 1 KiB: 76), and the
+// full count's path (SAP_KERNELS_NO_AVX512) from 196-201 to 184-186 ms
+// (alternating-process A/B, rows of 1,536 keys).
 constexpr int64_t kRowPrefetchBytes = 8192;
+
+// Prefetches the line kRowPrefetchBytes past the row's key i (data[begin + i];
+// masked, also the mask's line as far ahead in keys, mask = the row's first
+// mask byte). Called for every key or sampled key, it issues one prefetch per
+// line.
+template <int Type, bool Masked>
+SAP_INLINE void prefetch_row_ahead(const void* data, int64_t begin, const uint8_t* mask,
+                                   int64_t i) {
+  constexpr int64_t kKeyBytes = Type == kFloat32 ? 4 : 2, kLineKeys = 64 / kKeyBytes;
+  if (i % kLineKeys == 0) {
+    _mm_prefetch(static_cast<const char*>(data) + (begin + i) * kKeyBytes + kRowPrefetchBytes,
+                 _MM_HINT_T0);
+  }
+  if (Masked && i % 64 == 0) {
+    _mm_prefetch(reinterpret_cast<const char*>(mask) + i + kRowPrefetchBytes / kKeyBytes,
+                 _MM_HINT_T0);
+  }
+}
 
 template <int Type, int KeyBits, bool Masked, int DigitBits>
 __attribute__((target("arch=x86-64-v4"), noinline)) bool row_kth_by_sample_avx512(
@@ -107,19 +127,15 @@ __attribute__((target("arch=x86-64-v4"), noinline)) bool row_kth_by_sample_avx51
   if (k > 0) {
     scratch.bins.assign(kBins, 0);
     uint32_t* bins = scratch.bins.data();
-    int64_t sampled = 0, positions = 0;
-    constexpr int64_t kKeyBytes = Type == kFloat32 ? 4 : 2, kLineKeys = 64 / kKeyBytes;
-    const char* row_bytes = reinterpret_cast<const char*>(shard.data) + begin * kKeyBytes;
-    for (int64_t i = 0; i < length; i += kRowSampleStride, ++positions) {
-      if (i % kLineKeys == 0)
-        _mm_prefetch(row_bytes + i * kKeyBytes + kRowPrefetchBytes, _MM_HINT_T0);
-      if (Masked && i % 64 == 0)
-        _mm_prefetch(mask + i + kRowPrefetchBytes / kKeyBytes, _MM_HINT_T0);
+    int64_t sampled = 0;
+    for (int64_t i = 0; i < length; i += kRowSampleStride) {
+      prefetch_row_ahead<Type, Masked>(shard.data, begin, mask, i);
       const bool keep = Masked ? mask[i] != 0 : true;
       bins[key_at<Type, KeyBits>(shard.data, begin + i) >> kShift] += keep;
       sampled += keep;
     }
     if (sampled < kRowMinSample) return false;
+    const int64_t positions = (length + kRowSampleStride - 1) / kRowSampleStride;
     const double retained_estimate = double(sampled) * double(length) / double(positions);
     const double f = std::min(1.0, double(k) / retained_estimate);
     const double centre = f * double(sampled);

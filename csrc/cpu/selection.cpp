@@ -253,6 +253,7 @@ SAP_INLINE RowResult row_kth_by_bins(const Shard& shard, int64_t begin, int64_t 
   auto keep = [&](int64_t i) SAP_INLINE_LAMBDA { return Masked ? uint32_t(mask[i]) : 1u; };
   int64_t i = 0;
   for (; i + 2 <= length; i += 2) {
+    prefetch_row_ahead<Type, Masked>(shard.data, begin, mask, i);
     bins[digit(i)] += keep(i);
     bins[kRowBins + digit(i + 1)] += keep(i + 1);
   }
