@@ -147,6 +147,41 @@ def test_api_exact_with_any_sample_size(sample_size, dtype, kind, scope, generat
         assert all(torch.equal(a, b) for a, b in zip(new, expected))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["normal", "zeros"])
+@pytest.mark.parametrize("scope", [GLOBAL, LAYER])
+def test_large_brackets_select_through_the_histogram(dtype, kind, scope, generator):
+    """More than 65,536 candidates in a unit: they are counted in a histogram
+    before std::nth_element (the small inputs above never get there). With s =
+    16,384 sampled keys a unit's bracket holds ~3% of its weights in global
+    scope and ~4% in layer scope (~8,000 sampled keys each): 100K-200K
+    candidates in units of 2.5M-4M weights, within the budget n / 16 + 16 s.
+    With "zeros" (~30% exact zeros) k stays above the zeros: a bracket of the
+    zero key would hold all of them, past the budget (a miss)."""
+    shapes = [(1000, 2500), (1500, 1000), (3, 500_001)]
+    weights = [random_weights(s, dtype, kind, generator) for s in shapes]
+    masks = [random_mask(shapes[0], 0.3, generator), None, None]
+    if scope == GLOBAL:
+        retained = torch.tensor([int(masks[0].sum()) + sum(w.numel() for w in weights[1:])])
+    else:
+        retained = torch.tensor([int(masks[0].sum()), weights[1].numel(), weights[2].numel()])
+    key_bits = reference.key_bits_for(weights)
+    for fraction in (0.07, 0.5, 0.93) if kind == "normal" else (0.45, 0.93):
+        ks = (retained * fraction).long()
+        args = (weights, masks, scope, key_bits, ks, 16_384)
+        status = torch.ops.sap_kernels.kth_key_by_sample(*args)
+        assert (status[:, 0] != MISS).all(), (fraction, status)
+        want = radix_keys_and_below(weights, masks, ks, scope)
+        assert torch.equal(status[:, :2], want), (fraction, status, want)
+        assert torch.equal(status[:, 2], retained)
+        new_masks, prune_status = torch.ops.sap_kernels.prune_masks_by_sample(*args)
+        assert torch.equal(prune_status, status)
+        expected = reference.prune_by_stable_sort(
+            weights, masks, ks, "global" if scope == GLOBAL else "layer"
+        )
+        assert all(torch.equal(a, b) for a, b in zip(new_masks, expected))
+
+
 @pytest.mark.parametrize("no_avx512", [False, True])
 def test_vector_and_scalar_paths_agree(no_avx512, generator, monkeypatch):
     """SAP_KERNELS_NO_AVX512 forces the portable loop (what machines without
