@@ -441,10 +441,13 @@ void remove_candidates(const SamplePass& pass, const std::vector<bool*>& new_mas
       const uint32_t* positions = pass.chunks[seg.chunk].positions.data() + seg.first;
       bool* mask = new_masks[pass.segments[i].shard] + pass.segments[i].begin;
       int64_t equal_seen = equal_before[i];
+      // Branch-free: about half the candidates go (those below t), in no
+      // order a predictor could learn. Every candidate's mask is true here.
       for (int64_t j = 0; j < seg.last - seg.first; ++j) {
-        const bool remove = keys[j] < t || (keys[j] == t && equal_seen < remove_equal);
-        equal_seen += keys[j] == t;
-        if (remove) mask[positions[j] - seg.offset] = false;
+        const bool equal = keys[j] == t;
+        const bool remove = (keys[j] < t) | (equal & (equal_seen < remove_equal));
+        equal_seen += equal;
+        mask[positions[j] - seg.offset] = !remove;
       }
     }
   });
