@@ -164,17 +164,19 @@ def _check_finite_histogram(hist, nonfinite_digit: int, labels) -> None:
         raise ValueError(f"{labels(u)} contains NaN or infinity among its retained weights")
 
 
-def _uses_sample_select(backend, scope: str, group, key_bits: int) -> bool:
+def _uses_sample_select(backend, scope: str, group) -> bool:
     """The one-pass global or layer selection applies: one process, eager mode (a
     miss is data-dependent, so compiled graphs use the radix select). With 16-bit
     keys the radix select is a single pass too, but its scattered histogram
-    increments are slower than the sampled pass's vectorised compares; on CPU,
-    16-bit keys are not sampled in layer scope (no faster, and pruning was
-    slower: the coarse keys put more weights in each unit's bracket). On Triton
-    the sampled pass spares every scope the radix histogram's global atomic per
-    retained weight."""
+    increments are slower than the sampled pass's vectorised compares: bf16,
+    layer scope, 261M weights, k = 30%, magnitude_threshold 51-53 -> 34 ms and
+    prune_ 87-105 -> 64-100 ms (this machine swung between runs) once the CPU
+    sample got cheaper and its candidates' selection lighter (until then 16-bit
+    keys kept the radix select in layer scope on CPU). On Triton the sampled
+    pass spares every scope the radix histogram's global atomic per retained
+    weight."""
     return (
-        (scope == "global" or (scope == "layer" and (key_bits == 32 or backend == "triton")))
+        scope in ("global", "layer")
         and group is None
         and ops.has_sample_select(backend)
         and not _compiling()
@@ -275,7 +277,7 @@ def _kth_keys(
         return result[:, 0], result[:, 1], key_bits
     nonfinite_digit = _nonfinite_digit(key_bits, tensors[0].dtype)
     labels = _unit_labels(weights, scope)
-    if sample and _uses_sample_select(backend, scope, group, key_bits):
+    if sample and _uses_sample_select(backend, scope, group):
         found = _select_by_sample(
             backend, tensors, masks, code, key_bits, ks, argument, allow_zero, labels
         )
@@ -437,7 +439,7 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
         return finish(None if write_over else targets)
     sampled = (
         ops.has_sample_prune(chosen)
-        and _uses_sample_select(chosen, scope, None, key_bits)
+        and _uses_sample_select(chosen, scope, None)
         and bool((counts > 0).any())
         and all_contiguous(tensors)  # its masks are contiguous
     )
