@@ -1,6 +1,6 @@
 """The CPU row select's sampled path (csrc/cpu/row_select.h: rows of 512 ..
-65,536 keys on AVX-512) against the float64 reference and against the full
-2,048-bin count it falls back to (SAP_KERNELS_NO_AVX512=1 forces that one),
+65,536 keys, AVX-512 or AVX2) against the float64 reference and against the
+full 2,048-bin count it falls back to (SAP_KERNELS_CPU_ISA=baseline forces it),
 on rows built to make the sample miss, to leave it too few keys, and to fill
 the bracket with ties."""
 
@@ -19,6 +19,9 @@ pytestmark = pytest.mark.skipif(
 ops = torch.ops.sap_kernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 STRIDE = 8  # kRowSampleStride: the sample reads keys 0, 8, 16, ... of a row
+# SAP_KERNELS_CPU_ISA: "" the widest this CPU runs (AVX-512 here), x86-64-v3 the
+# sampled path's AVX2 copy, baseline the full 2,048-bin count without vectors
+CPU_ISAS = ["", "x86-64-v3", "baseline"]
 
 
 def adversarial_rows(rows: int, length: int, dtype, generator) -> torch.Tensor:
@@ -70,8 +73,9 @@ def test_sampled_rows_match_reference_and_full_count(dtype, fraction, generator,
     want = reference.rowwise_kth_key(weights, masks, key_bits, ks)
     got = ops.rowwise_kth_key(weights, masks, key_bits, ks)
     assert torch.equal(got, want)
-    monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
-    assert torch.equal(ops.rowwise_kth_key(weights, masks, key_bits, ks), want)
+    for isa in CPU_ISAS[1:]:
+        monkeypatch.setenv("SAP_KERNELS_CPU_ISA", isa)
+        assert torch.equal(ops.rowwise_kth_key(weights, masks, key_bits, ks), want), isa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -127,7 +131,9 @@ def composed_prune(weights, masks, key_bits, counts):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0, None])
-def test_prune_rows_matches_composition_and_reference(dtype, fraction, generator):
+@pytest.mark.parametrize("isa", CPU_ISAS, ids=["widest", "avx2", "portable"])
+def test_prune_rows_matches_composition_and_reference(dtype, fraction, isa, generator, monkeypatch):
+    monkeypatch.setenv("SAP_KERNELS_CPU_ISA", isa)
     weights, masks = prune_inputs(dtype, generator)
     key_bits = 16 if dtype != torch.float32 else 32
     retained = retained_per_row(weights, masks)

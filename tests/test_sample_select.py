@@ -184,10 +184,10 @@ def test_large_brackets_select_through_the_histogram(dtype, kind, scope, generat
 
 @pytest.mark.parametrize("no_avx512", [False, True])
 def test_vector_and_scalar_paths_agree(no_avx512, generator, monkeypatch):
-    """SAP_KERNELS_NO_AVX512 forces the portable loop (what machines without
+    """SAP_KERNELS_CPU_ISA=baseline forces the portable loop (what machines without
     AVX-512 run); both must give the radix select's answer."""
     if no_avx512:
-        monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
+        monkeypatch.setenv("SAP_KERNELS_CPU_ISA", "baseline")
     for dtype in [*DTYPES, "mixed"]:
         if dtype == "mixed":  # 32-bit keys from float16 and bfloat16 weights too
             weights, masks, retained = make_inputs(torch.float32, "zeros", True, generator)
@@ -214,7 +214,7 @@ def test_prune_masks_by_sample_matches_stable_sort(
     (ties removed in flat order) and the status equals kth_key_by_sample's.
     dtype None: float32 with a float16 and a bfloat16 tensor (32-bit keys)."""
     if no_avx512:
-        monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
+        monkeypatch.setenv("SAP_KERNELS_CPU_ISA", "baseline")
     weights, masks, retained = make_inputs(dtype or torch.float32, kind, masked, generator)
     if dtype is None:
         weights[0], weights[1] = weights[0].half(), weights[1].bfloat16()

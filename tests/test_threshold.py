@@ -444,17 +444,17 @@ def test_neuron_scope_rows_of_length_zero(backend, generator):
             ops.rowwise_kth_key(weights, masks, 32, counts + 2 * (torch.arange(9) == 5))
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx512-if-present", "portable"])
+@pytest.mark.parametrize("isa", ["", "x86-64-v3", "baseline"], ids=["widest", "avx2", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
-def test_neuron_rows_by_bins_on_each_path(portable, dtype, kind, generator, monkeypatch):
-    """Rows of 512..65,536 weights take the 2,048-bin select, whose bin's keys
-    are gathered by AVX-512 compress where the CPU has it, else by a portable
-    loop (SAP_KERNELS_NO_AVX512=1); odd lengths leave a scalar tail."""
+def test_neuron_rows_by_bins_on_each_path(isa, dtype, kind, generator, monkeypatch):
+    """Rows of 512..65,536 weights take the sampled bracket (AVX-512 or AVX2
+    compress) or the 2,048-bin select, whose bin's keys are gathered by AVX-512
+    compress where the CPU has it, else by a portable loop
+    (SAP_KERNELS_CPU_ISA=baseline); odd lengths leave a scalar tail."""
     if "cpu" not in sap_kernels.available_backends(torch.device("cpu")):
         pytest.skip("the CPU extension is not built")
-    if portable:
-        monkeypatch.setenv("SAP_KERNELS_NO_AVX512", "1")
+    monkeypatch.setenv("SAP_KERNELS_CPU_ISA", isa)
     shapes = [(3, 517), (2, 4096), (1, 70_001), (4, 1000)]
     weights = [random_weights(s, dtype, kind, generator) for s in shapes]
     masks = make_masks(shapes, 0.4, generator, "neuron")

@@ -1,14 +1,13 @@
 // AVX-512 pieces shared by the selection kernels (sample_pass.h,
-// selection.cpp): 16 keys from one vector load, and whether the CPU (and the
-// environment: SAP_KERNELS_NO_AVX512 forces the portable loops, for tests)
-// allows the AVX-512 loops.
+// selection.cpp): 16 keys from one vector load, and which of 16 are retained.
+// vector_isa.h says whether the AVX-512 loops run.
 #pragma once
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "../kernel_types.h"
+#include "vector_isa.h"
 
 namespace sap_kernels::cpu {
 
@@ -43,14 +42,6 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline __mmask16 kept_l
   if constexpr (!Masked) return 0xffff;
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i));
   return _mm_test_epi8_mask(bytes, bytes);
-}
-
-// Read once per op call (the environment is read each time: tests set it).
-inline bool use_avx512() {
-  static const bool supported = __builtin_cpu_supports("avx512f") &&
-                                __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
-  return supported && std::getenv("SAP_KERNELS_NO_AVX512") == nullptr;
 }
 
 }  // namespace sap_kernels::cpu

@@ -320,7 +320,7 @@ void prune_rows_in_place_cpu(at::TensorList weights, at::TensorList masks, int64
   MaskBackup backup(segments);
   const int64_t chunks = int64_t(chunk_starts.size()) - 1;
   std::vector<RowError> errors(static_cast<size_t>(chunks));
-  const bool avx512 = use_avx512();
+  const VectorIsa isa = vector_isa();
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     RowScratch scratch;
     for (int64_t c = first; c < last; ++c) {
@@ -333,7 +333,7 @@ void prune_rows_in_place_cpu(at::TensorList weights, at::TensorList masks, int64
         for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
           const int64_t row = shard.first_unit + begin / length;
           const int64_t k = k_data[row];
-          const RowResult result = select_row(shard, key_bits, begin, length, k, scratch, avx512);
+          const RowResult result = select_row(shard, key_bits, begin, length, k, scratch, isa);
           if (result.status != kRowOk) {
             if (errors[c].status == kRowOk) {
               errors[c] = RowError{result.status, row, seg.shard, k, result.retained};

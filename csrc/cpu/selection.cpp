@@ -350,8 +350,9 @@ SAP_INLINE RowResult row_kth_by_histogram(const Shard& shard, int64_t begin, int
 // Compiled once per instruction set (the bins' sums and block tests vectorise).
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) RowResult
 select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, int64_t k,
-           RowScratch& scratch, bool avx512) {
+           RowScratch& scratch, VectorIsa isa) {
   RowResult result;
+  const bool avx512 = isa == VectorIsa::kAvx512;
   with_key_type(shard, key_bits, [&](auto type, auto bits, auto masked) SAP_INLINE_LAMBDA {
     constexpr int T = decltype(type)::value, B = decltype(bits)::value;
     constexpr bool M = decltype(masked)::value;
@@ -361,6 +362,10 @@ select_row(const Shard& shard, int64_t key_bits, int64_t begin, int64_t length, 
       if constexpr (kVectorKeys<T, B>) {
         if (avx512 && row_kth_by_sample_avx512<T, B, M, kRowDigitBits>(shard, begin, length, k,
                                                                        scratch, result)) {
+          return;
+        }
+        if (isa == VectorIsa::kAvx2 && row_kth_by_sample_avx2<T, B, M, kRowDigitBits>(
+                                           shard, begin, length, k, scratch, result)) {
           return;
         }
       }
@@ -388,7 +393,7 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
   at::Tensor out = at::empty({table.num_units, 2}, at::TensorOptions().dtype(at::kLong));
   int64_t* out_data = out.data_ptr<int64_t>();
   std::vector<RowError> errors(chunk_starts.size() - 1);
-  const bool avx512 = use_avx512();
+  const VectorIsa isa = vector_isa();
   at::parallel_for(0, int64_t(chunk_starts.size()) - 1, 1, [&](int64_t first, int64_t last) {
     RowScratch scratch;
     for (int64_t c = first; c < last; ++c) {
@@ -399,7 +404,7 @@ at::Tensor rowwise_kth_key_cpu(at::TensorList weights,
         for (int64_t begin = seg.begin; begin < seg.begin + seg.length; begin += length) {
           const int64_t row = shard.first_unit + begin / length;
           const RowResult result =
-              select_row(shard, key_bits, begin, length, k_data[row], scratch, avx512);
+              select_row(shard, key_bits, begin, length, k_data[row], scratch, isa);
           out_data[2 * row] = result.key;
           out_data[2 * row + 1] = result.below;
           if (result.status != kRowOk && errors[c].status == kRowOk) {
