@@ -1,5 +1,5 @@
 // The row selections of rowwise_kth_key (selection.cpp): their result and
-// scratch buffers, and the sampled fast path for medium rows on AVX-512.
+// scratch buffers, and the sampled fast path for medium rows (AVX-512, AVX2).
 #pragma once
 #include <immintrin.h>
 
@@ -84,7 +84,8 @@ inline void raise_first_row_error(const std::vector<RowError>& errors, const cha
 // bins (returns false). k <= 0 takes the pass alone (its counts).
 // Against counting every key in the bins (a scalar store per key, with chains
 // through popular bins), the sample counts one key in kRowSampleStride and
-// the pass over the row is compares and compresses, 16 keys at a time.
+// the pass over the row is compares and compresses, 16 keys at a time (8 on
+// AVX2).
 constexpr int64_t kRowSampleStride = 8;
 // Fewer retained keys than this in the sample: the caller's full count.
 constexpr int64_t kRowMinSample = 32;
