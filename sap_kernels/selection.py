@@ -10,6 +10,8 @@ first (count - below) keys equal to it in flat order.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ops
@@ -35,19 +37,26 @@ SAMPLE_SIZE = 65536
 # Layer scope samples up to this many times more keys: a unit's bracket widens
 # as 1/sqrt(its share of the sample), and the candidates must fit the budget.
 _LAYER_SAMPLE_FACTOR = 4
-# The CPU samples this many times more: its sampled reads overlap (batches of
-# prefetches), and each candidate they spare costs a compress, a histogram
-# count and, when pruning, a mask fix-up. 261M float32 weights, k = 30%,
-# the ops alone (medians of 7, two runs): global 65,536 -> 131,072 keys,
-# kth_key_by_sample 35.5 -> 33.5-34.3 ms, prune_masks_by_sample_ 57-58 -> 48-50;
-# layer 262,144 -> 524,288 keys, 45.4-46.4 -> 44.6-44.9 and 90 -> 80-81 ms.
-# The Triton ops keep SAMPLE_SIZE (tuned to their bracket histograms).
-_CPU_SAMPLE_FACTOR = 2
+# The CPU scales its sample with sqrt(n / _CPU_SAMPLE_NUMEL), between 1/8 and
+# 4 times and rounded to a power of two: a sample costs about the same per key
+# whatever n (its reads overlap in batches of prefetches) while each candidate
+# it spares (a compress, a histogram count, a mask fix-up) is a share of n.
+# kth_key_by_sample / prune_masks_by_sample_ alone, global, k = 30%, medians of
+# 9, fastest size: 2M weights 16,384 keys (0.40 / 0.56 ms; 65,536: 1.04 /
+# 1.19), 20M 32,768 (2.83 / 4.22; 65,536: 3.18 / 4.57), 270M 131,072-262,144
+# (35.3 / 51.7; 65,536: 40.6 / 58.3). The Triton ops keep SAMPLE_SIZE (tuned
+# to their bracket histograms).
+_CPU_SAMPLE_NUMEL = 1 << 26
 
 
-def _sample_size(units: int, backend: str) -> int:
+def _sample_size(units: int, backend: str, numel: int) -> int:
     size = SAMPLE_SIZE * min(units, _LAYER_SAMPLE_FACTOR)
-    return size * _CPU_SAMPLE_FACTOR if backend == "cpu" else size
+    if backend != "cpu":
+        return size
+    # a power of two: the sizes measured above (and their allocations; a size
+    # 1.4% off 524,288 in layer scope ran prune_ at 120-330 ms instead of 73-100)
+    doublings = round(0.5 * math.log2(max(numel, 1) / _CPU_SAMPLE_NUMEL))
+    return max(1, int(size * 2.0 ** min(max(doublings, -3), 2)))
 
 
 def _compiling() -> bool:
@@ -203,7 +212,7 @@ def _sample_result(status, ks, argument, allow_zero, labels):
 def _select_by_sample(backend, tensors, masks, code, key_bits, ks, argument, allow_zero, labels):
     """(keys, below) per unit in one pass (kth_key_by_sample), or None when the
     sample missed a k-th key and the radix select must run."""
-    size = _sample_size(ks.numel(), backend)
+    size = _sample_size(ks.numel(), backend, sum(map(torch.Tensor.numel, tensors)))
     status = ops.kth_key_by_sample(backend, tensors, masks, code, key_bits, ks, size)
     found = _sample_result(status, ks, argument, allow_zero, labels)
     if found is None:
@@ -445,15 +454,9 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
     )
     if sampled:
         # thresholds and masks in one pass; the radix select only after a miss
-        args = (
-            chosen,
-            tensors,
-            mask_list,
-            code,
-            key_bits,
-            counts,
-            _sample_size(counts.numel(), chosen),
-        )
+        numel = sum(map(torch.Tensor.numel, tensors))
+        size = _sample_size(counts.numel(), chosen, numel)
+        args = (chosen, tensors, mask_list, code, key_bits, counts, size)
         if write_over:
             new_masks, status = None, ops.prune_masks_by_sample_(*args)
         else:
