@@ -26,11 +26,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "../shards.h"
 #include "magnitudes.h"
+#include "vector_isa.h"
 
 namespace sap_kernels::cpu {
 namespace {
@@ -117,18 +117,13 @@ namespace {
 
 using RangePowerSums = void (*)(const Shard&, int64_t, int64_t, const PowerPlan&, Sums&);
 
-// The widest instruction set this CPU runs, or a narrower one named by the
-// environment variable SAP_KERNELS_CPU_ISA (x86-64-v3, baseline), so tests can
-// check every copy on one machine.
+// The copy for the instruction set vector_isa.h picks.
 RangePowerSums select_range_power_sums() {
-  const char* forced = std::getenv("SAP_KERNELS_CPU_ISA");
-  const std::string name = forced ? forced : "";
-  if (name == "baseline") return &x86_64_baseline::range_power_sums;
-  if (name != "x86-64-v3" && __builtin_cpu_supports("x86-64-v4")) {
-    return &x86_64_v4::range_power_sums;
+  switch (vector_isa()) {
+    case VectorIsa::kAvx512: return &x86_64_v4::range_power_sums;
+    case VectorIsa::kAvx2: return &x86_64_v3::range_power_sums;
+    default: return &x86_64_baseline::range_power_sums;
   }
-  if (__builtin_cpu_supports("x86-64-v3")) return &x86_64_v3::range_power_sums;
-  return &x86_64_baseline::range_power_sums;
 }
 
 double bin_centre(int bin) {
