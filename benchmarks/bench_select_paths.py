@@ -30,7 +30,7 @@ def main() -> None:
     masks = [None] * len(weights)
     n = sum(w.numel() for w in weights)
     k = torch.tensor([max(1, int(n * args.fraction))])
-    sample = selection._sample_size(1, "cpu", n)  # what the API samples on CPU
+    sample = selection._sample_size(1, "cpu", weights)  # what the API samples on CPU
 
     def radix_threshold():
         return selection._select_radix(

@@ -49,10 +49,11 @@ _LAYER_SAMPLE_FACTOR = 4
 _CPU_SAMPLE_NUMEL = 1 << 26
 
 
-def _sample_size(units: int, backend: str, numel: int) -> int:
+def _sample_size(units: int, backend: str, tensors) -> int:
     size = SAMPLE_SIZE * min(units, _LAYER_SAMPLE_FACTOR)
     if backend != "cpu":
         return size
+    numel = sum(map(torch.Tensor.numel, tensors))
     # a power of two: the sizes measured above (and their allocations; a size
     # 1.4% off 524,288 in layer scope ran prune_ at 120-330 ms instead of 73-100)
     doublings = round(0.5 * math.log2(max(numel, 1) / _CPU_SAMPLE_NUMEL))
@@ -212,7 +213,7 @@ def _sample_result(status, ks, argument, allow_zero, labels):
 def _select_by_sample(backend, tensors, masks, code, key_bits, ks, argument, allow_zero, labels):
     """(keys, below) per unit in one pass (kth_key_by_sample), or None when the
     sample missed a k-th key and the radix select must run."""
-    size = _sample_size(ks.numel(), backend, sum(map(torch.Tensor.numel, tensors)))
+    size = _sample_size(ks.numel(), backend, tensors)
     status = ops.kth_key_by_sample(backend, tensors, masks, code, key_bits, ks, size)
     found = _sample_result(status, ks, argument, allow_zero, labels)
     if found is None:
@@ -454,8 +455,7 @@ def _prune_collected(weights, masks, mask_list, counts, code, scope, chosen, in_
     )
     if sampled:
         # thresholds and masks in one pass; the radix select only after a miss
-        numel = sum(map(torch.Tensor.numel, tensors))
-        size = _sample_size(counts.numel(), chosen, numel)
+        size = _sample_size(counts.numel(), chosen, tensors)
         args = (chosen, tensors, mask_list, code, key_bits, counts, size)
         if write_over:
             new_masks, status = None, ops.prune_masks_by_sample_(*args)
