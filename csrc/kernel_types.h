@@ -8,6 +8,11 @@ namespace sap_kernels {
 enum Scope : int64_t { kGlobal = 0, kLayer = 1, kNeuron = 2 };
 enum WeightType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Bytes per weight of a WeightType.
+constexpr int64_t weight_bytes(int32_t type) {
+  return type == kFloat32 ? 4 : 2;
+}
+
 // One weight tensor, flattened and contiguous.
 struct Shard {
   const void* data;

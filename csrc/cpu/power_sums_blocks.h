@@ -345,7 +345,7 @@ SAP_INLINE LaneBlock lane_block_sums(const Shard& shard, int64_t begin, int n, P
   }
   if (whole < n) {  // the last, partial group, padded with pruned zeros
     const int rest = n - whole;
-    const size_t width = Type == kFloat32 ? 4 : 2;
+    const size_t width = weight_bytes(Type);
     alignas(64) unsigned char raw[4 * kLanes] = {};
     std::memcpy(raw, static_cast<const unsigned char*>(shard.data) + (begin + whole) * width,
                 rest * width);

@@ -105,7 +105,7 @@ constexpr int64_t kRowPrefetchBytes = 8192;
 template <int Type, bool Masked>
 SAP_INLINE void prefetch_row_ahead(const void* data, int64_t begin, const uint8_t* mask,
                                    int64_t i) {
-  constexpr int64_t kKeyBytes = Type == kFloat32 ? 4 : 2, kLineKeys = 64 / kKeyBytes;
+  constexpr int64_t kKeyBytes = weight_bytes(Type), kLineKeys = 64 / kKeyBytes;
   if (i % kLineKeys == 0) {
     _mm_prefetch(static_cast<const char*>(data) + (begin + i) * kKeyBytes + kRowPrefetchBytes,
                  _MM_HINT_T0);
@@ -229,16 +229,17 @@ __attribute__((target("arch=x86-64-v3"), always_inline)) inline RowPass row_pass
   return pass;
 }
 
-// The row's status from the pass. True when the select is settled (an error,
-// or k = 0: nothing to find); false when the k-th key is to be found among
-// the pass's keys, or the sample missed it (*missed).
-SAP_INLINE bool settle_row(const RowPass& pass, int64_t k, RowResult& result, bool* missed) {
+// What the pass leaves: an answer (an error, or k = 0: nothing to find), a
+// miss (the k-th key is not among the pass's keys) or the select among them.
+enum class RowPassOutcome { kSettled, kMissed, kSelect };
+
+SAP_INLINE RowPassOutcome settle_row(const RowPass& pass, int64_t k, RowResult& result) {
   result.retained = pass.retained;
   if (pass.bad > 0) result.status = kRowNonfinite;
   if (k < 0 || k > pass.retained) result.status = result.status ? result.status : kRowBadK;
-  if (result.status != kRowOk || k == 0) return true;
-  *missed = !(pass.below < k && k <= pass.below + pass.n);
-  return false;
+  if (result.status != kRowOk || k == 0) return RowPassOutcome::kSettled;
+  return pass.below < k && k <= pass.below + pass.n ? RowPassOutcome::kSelect
+                                                    : RowPassOutcome::kMissed;
 }
 
 // The k-th key's bin among 256 over [lo, hi] (bins of 2^shift keys), its
@@ -337,9 +338,8 @@ SAP_INLINE void kth_in_bin(uint32_t* keys, int64_t m, const BracketBin& b, int64
     uint32_t* keys = scratch.keys.data();                                                \
     const RowPass pass =                                                                 \
         row_pass_##ISA<Type, KeyBits, Masked>(shard, begin, length, mask, lo, hi, keys); \
-    bool missed = false;                                                                 \
-    if (settle_row(pass, k, result, &missed)) return true;                               \
-    if (missed) return false;                                                            \
+    const RowPassOutcome outcome = settle_row(pass, k, result);                          \
+    if (outcome != RowPassOutcome::kSelect) return outcome == RowPassOutcome::kSettled;  \
     const BracketBin bin = bin_of_kth(keys, pass.n, lo, hi, k - pass.below - 1);         \
     const int64_t m = gather_bin_##ISA(keys, pass.n, lo, bin);                           \
     kth_in_bin(keys, m, bin, pass.below + bin.smaller, result);                          \

@@ -98,8 +98,8 @@ std::vector<UnitSample> sample_keys(const ShardTable& table, int64_t key_bits, i
         const int64_t offset = flat - (shard_end[i] - shard.numel);
         shard_of[b] = int64_t(i);
         offset_of[b] = offset;
-        const int64_t bytes = shard.type == kFloat32 ? 4 : 2;
-        _mm_prefetch(static_cast<const char*>(shard.data) + offset * bytes, _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(shard.data) + offset * weight_bytes(shard.type),
+                     _MM_HINT_T0);
         if (shard.mask != nullptr) {
           _mm_prefetch(reinterpret_cast<const char*>(shard.mask) + offset, _MM_HINT_T0);
         }
